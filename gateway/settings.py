@@ -1,0 +1,22 @@
+"""The gateway process's settings, from the environment (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    routes_file: str = Field(default="routes.yaml", description="GATEWAY_ROUTES_FILE")
+    host: str = "0.0.0.0"
+    port: int = 3000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    admin_token: str | None = Field(default=None, description="GATEWAY_ADMIN_TOKEN")
+    access_log: bool = True
+    # Parser-level ceilings; the per-route limits in routes.yaml are checked below these.
+    max_line_size: int = 16 * 1024
+    max_field_size: int = 64 * 1024
+    shutdown_grace: float = 10.0
