@@ -13,10 +13,21 @@ from .settings import GatewaySettings
 
 def main() -> int:
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=logging.INFO,
+        stream=sys.stdout,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    settings = GatewaySettings()
+    runner = asyncio.run
+    if settings.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            print("gateway: GATEWAY_UVLOOP is set but uvloop is not installed", file=sys.stderr)
+            return 2
+        runner = uvloop.run
     try:
-        asyncio.run(serve(GatewaySettings()))
+        runner(serve(settings))
     except ConfigError as exc:
         print(f"gateway: cannot start: {exc.message}", file=sys.stderr)
         return 2

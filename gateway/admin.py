@@ -47,7 +47,11 @@ def build_admin_app(gw: Gateway, token: str | None) -> web.Application:
     async def routes(_: web.Request) -> web.Response:
         rt = gw.runtime
         return web.json_response(
-            {"source": rt.source, "loaded_at": rt.loaded_at.isoformat(), "routes": rt.describe_routes()}
+            {
+                "source": rt.source,
+                "loaded_at": rt.loaded_at.isoformat(),
+                "routes": rt.describe_routes(),
+            }
         )
 
     async def upstreams(request: web.Request) -> web.Response:

@@ -39,7 +39,13 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
-    "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3,
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
 }
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 _RETRY_TOKENS = frozenset({"connect-error", "timeout", "reset", "5xx"})
@@ -288,30 +294,35 @@ class GatewayConfig(_Model):
     services: dict[str, ServiceConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _references(self) -> GatewayConfig:
+    def reference_problems(self) -> list[tuple[tuple, str]]:
+        """Names that point nowhere, as (location, message) pairs."""
+        problems: list[tuple[tuple, str]] = []
         seen: set[str] = set()
-        for route in self.routes:
+        for i, route in enumerate(self.routes):
             if route.name in seen:
-                raise ValueError(f"two routes are named {route.name!r}")
+                problems.append((("routes", i, "name"), f"two routes are named {route.name!r}"))
             seen.add(route.name)
             if route.service not in self.services:
-                raise ValueError(
-                    f"route {route.name!r} names service {route.service!r}, which is not "
-                    f"under services: (known: {', '.join(sorted(self.services)) or 'none'})"
+                known = ", ".join(sorted(self.services)) or "none"
+                problems.append(
+                    (
+                        ("routes", i, "service"),
+                        f"service {route.service!r} is not under services: (known: {known})",
+                    )
                 )
             auth = route.auth if route.auth is not None else self.defaults.auth
             if auth not in (None, "none") and auth not in self.auth_policies:
-                raise ValueError(
-                    f"route {route.name!r} uses auth {auth!r}, which is not under auth_policies:"
-                )
+                where = ("routes", i, "auth") if route.auth is not None else ("defaults", "auth")
+                problems.append((where, f"auth {auth!r} is not under auth_policies:"))
         for name, policy in self.auth_policies.items():
             if policy.service not in self.services:
-                raise ValueError(
-                    f"auth policy {name!r} names service {policy.service!r}, which is not "
-                    "under services:"
+                problems.append(
+                    (
+                        ("auth_policies", name, "service"),
+                        f"service {policy.service!r} is not under services:",
+                    )
                 )
-        return self
+        return problems
 
     def route_policy(self, route: RouteConfig) -> RoutePolicy:
         return resolve_policy(self, route)
@@ -423,7 +434,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {seen[key]})",
+                key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
@@ -488,16 +502,22 @@ def parse_config(text: str, source: str = "routes.yaml") -> GatewayConfig:
         raise ConfigError(f"{source}:1: the file must be a mapping with defaults/services/routes")
     lines = _line_index(node)
     try:
-        return GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        found = []
         for err in exc.errors():
-            loc = tuple(err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown field (check the spelling)"
-            problems.append(f"{source}:{_line_for(lines, loc)}: {_field_name(loc)}: {msg}")
-        raise ConfigError("\n".join(problems), problems=problems) from None
+            found.append((tuple(err["loc"]), msg))
+    else:
+        found = config.reference_problems()
+        if not found:
+            return config
+    problems = [
+        f"{source}:{_line_for(lines, loc)}: {_field_name(loc)}: {msg}" for loc, msg in found
+    ]
+    raise ConfigError("\n".join(problems), problems=problems)
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -81,7 +81,7 @@ class Resolver(ABC):
     def status(self) -> dict[str, UpstreamStatus]:
         """One entry per followed service."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - most resolvers have nothing to stop
         """Stop background work."""
 
 

@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -38,7 +38,7 @@ class CallPolicy:
     connect_timeout: float = 1.0
     per_try_timeout: float = 15.0
     total_timeout: float = 30.0
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 class StreamedBody:
@@ -150,13 +150,18 @@ class Upstreams:
     def balancers(self) -> Mapping[str, Balancer]:
         return self._balancers
 
-    def _client_timeout(self, policy: CallPolicy) -> aiohttp.ClientTimeout:
-        key = (policy.connect_timeout, policy.per_try_timeout)
+    def _client_timeout(self, connect: float, read: float) -> aiohttp.ClientTimeout:
+        """``read`` bounds each wait for data: the answer's headers, then every body chunk.
+
+        aiohttp's own socket timers do this without an extra timer per attempt; the
+        common budget (the route's per-try timeout) is cached.
+        """
+        key = (connect, read)
         timeout = self._timeouts.get(key)
         if timeout is None:
-            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, sock_connect=policy.connect_timeout, sock_read=policy.per_try_timeout
-            )
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+            if len(self._timeouts) < 256:
+                self._timeouts[key] = timeout
         return timeout
 
     @asynccontextmanager
@@ -192,9 +197,10 @@ class Upstreams:
         breaker = self._breakers.get(service)
         balancer = self._balancers.get(service)
         if breaker is None or balancer is None:
-            raise ServiceUnavailable(f"service {service!r} is not configured", kind="unknown_service")
+            raise ServiceUnavailable(
+                f"service {service!r} is not configured", kind="unknown_service"
+            )
         clock = self.clock
-        timeout = self._client_timeout(policy)
         attempt: Attempt = policy.retry.start(method, clock.monotonic(), policy.total_timeout)
         tried: list[str] = []
         while True:
@@ -217,16 +223,16 @@ class Upstreams:
             urls = [i.url for i in instances]
             url = balancer.pick(urls, exclude=tried) or balancer.pick(urls) or urls[0]
             tried.append(url)
+            budget = attempt.budget(now, policy.per_try_timeout)
             try:
-                async with asyncio.timeout(attempt.budget(now, policy.per_try_timeout)):
-                    response = await self.session.request(
-                        method,
-                        url + path_qs,
-                        headers=headers,
-                        data=body,
-                        timeout=timeout,
-                        allow_redirects=False,
-                    )
+                response = await self.session.request(
+                    method,
+                    url + path_qs,
+                    headers=headers,
+                    data=body,
+                    timeout=self._client_timeout(min(policy.connect_timeout, budget), budget),
+                    allow_redirects=False,
+                )
             except asyncio.CancelledError:
                 permit.release()
                 raise
@@ -242,12 +248,16 @@ class Upstreams:
                 balancer.report(url, False)
                 self._failed(service, outcome.kind)
                 replayable = not (isinstance(body, StreamedBody) and body.started)
-                nxt = attempt.next(outcome, clock.monotonic(), self._rand) if (
-                    replayable or outcome.never_sent
-                ) else None
+                nxt = (
+                    attempt.next(outcome, clock.monotonic(), self._rand)
+                    if (replayable or outcome.never_sent)
+                    else None
+                )
                 if nxt is None:
                     raise _final_error(service, outcome, exc) from exc
-                log.info("retrying %s %s on %s after %s", method, service, outcome.kind, _reason(exc))
+                log.info(
+                    "retrying %s %s on %s after %s", method, service, outcome.kind, _reason(exc)
+                )
                 self._retried(service, outcome.kind)
                 attempt = nxt
                 continue
@@ -261,7 +271,9 @@ class Upstreams:
             self._failed(service, "5xx")
             if isinstance(body, StreamedBody) and body.started:
                 return Exchange(response, url, attempt.number, attempt.deadline)
-            outcome = Outcome.response(status, parse_retry_after(response.headers.get("Retry-After")))
+            outcome = Outcome.response(
+                status, parse_retry_after(response.headers.get("Retry-After"))
+            )
             nxt = attempt.next(outcome, clock.monotonic(), self._rand)
             if nxt is None:
                 return Exchange(response, url, attempt.number, attempt.deadline)

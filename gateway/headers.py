@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -25,12 +26,22 @@ REQUEST_ID = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+# A random per-process prefix plus a counter: unique across processes and restarts
+# without a system call per request (uuid4 reads the kernel's random pool each time).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 def request_id_from(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str:
     """Accept a well-formed client request id; otherwise make one."""
     given = headers.get(REQUEST_ID)
     if given and _SAFE_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -54,9 +65,7 @@ def upstream_request_headers(
     and ``drop`` (identity headers only the gateway may set), plus X-Forwarded-*."""
     skip = _connection_tokens(headers) | {"host", "content-length", "x-request-id"}
     skip |= {d.lower() for d in drop}
-    out: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in headers.items() if k.lower() not in skip
-    )
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in skip)
     if client_ip:
         prior = headers.get("X-Forwarded-For")
         out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip

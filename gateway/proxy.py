@@ -14,11 +14,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from .accesslog import AccessLog
 from .errors import (
+    BadGateway,
     BadRequest,
     GatewayError,
     GatewayTimeout,
@@ -34,7 +37,6 @@ from .metrics import RequestMetrics
 from .routing import Match, MethodNotAllowed
 from .runtime import Runtime
 
-access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 
 BUFFER_LIMIT = 256 * 1024  # bodies up to this size are buffered, so any retry can replay them
@@ -62,12 +64,12 @@ class ProxyHandler:
         get_runtime: Callable[[], Runtime],
         upstreams: Upstreams,
         *,
-        access_log_enabled: bool = True,
+        access_log: AccessLog | None = None,
     ) -> None:
         self._get_runtime = get_runtime
         self._upstreams = upstreams
         self._metrics = RequestMetrics()
-        self._access_log = access_log_enabled
+        self._access_log = access_log
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
@@ -100,24 +102,20 @@ class ProxyHandler:
         finally:
             elapsed = time.monotonic() - started
             self._metrics.observe(route_name, service, status, elapsed)
-            if self._access_log:
-                access_log.info(
-                    "%s",
-                    json.dumps(
-                        {
-                            "request_id": request_id,
-                            "client": request.remote,
-                            "method": request.method,
-                            "path": request.path,
-                            "route": route_name,
-                            "service": service,
-                            "upstream": instance,
-                            "attempts": attempts,
-                            "status": status,
-                            "duration_ms": round(elapsed * 1000, 3),
-                        },
-                        separators=(",", ":"),
-                    ),
+            if self._access_log is not None:
+                self._access_log.write(
+                    {
+                        "request_id": request_id,
+                        "client": request.remote,
+                        "method": request.method,
+                        "path": request.path,
+                        "route": route_name,
+                        "service": service,
+                        "upstream": instance,
+                        "attempts": attempts,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    }
                 )
 
     async def _forward(
@@ -136,9 +134,7 @@ class ProxyHandler:
             )
         length = request.content_length
         if length is not None and length > policy.max_body:
-            raise PayloadTooLarge(
-                f"request body is {length} bytes; the limit is {policy.max_body}"
-            )
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {policy.max_body}")
         identity: tuple[tuple[str, str], ...] = ()
         if route.auth is not None:
             identity = await route.auth.admit(request.headers, request_id)
@@ -171,9 +167,19 @@ class ProxyHandler:
                 or upstream.status in _NO_BODY_STATUSES
                 or (known is not None and known <= SMALL_RESPONSE)
             ):
-                payload = await self._read_within(upstream, ex.deadline)
-                resp = web.Response(status=upstream.status, reason=upstream.reason,
-                                    headers=out_headers)
+                try:
+                    payload = await upstream.read()
+                except TimeoutError:
+                    raise GatewayTimeout(
+                        f"service {route.service!r} stopped sending its answer"
+                    ) from None
+                except aiohttp.ClientError as exc:
+                    raise BadGateway(
+                        f"service {route.service!r} broke off its answer: {exc}"
+                    ) from None
+                resp = web.Response(
+                    status=upstream.status, reason=upstream.reason, headers=out_headers
+                )
                 if payload:
                     resp.body = payload
                 return resp, ex.attempts, ex.instance
@@ -200,14 +206,6 @@ class ProxyHandler:
                 return resp, ex.attempts, ex.instance
             await resp.write_eof()
             return resp, ex.attempts, ex.instance
-
-    @staticmethod
-    async def _read_within(upstream: Any, deadline: float) -> bytes:
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await upstream.read()
-        except TimeoutError:
-            raise GatewayTimeout("the upstream answer did not complete within the deadline") from None
 
     @staticmethod
     async def _body(

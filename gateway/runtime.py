@@ -15,7 +15,7 @@ from .balancer import EjectionConfig
 from .clock import Clock
 from .config import GatewayConfig, RoutePolicy, breaker_config, ejection_config, resolve_policy
 from .forwarder import CallPolicy, Upstreams
-from .routing import Rule, RouteTable
+from .routing import RouteTable, Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +84,8 @@ def compile_runtime(
     for name, spec in cfg.auth_policies.items():
         old = previous.auth.get(name) if previous else None
         auth[name] = (
-            old if old is not None and old.spec == spec
+            old
+            if old is not None and old.spec == spec
             else ForwardAuth(name, spec, upstreams, clock, auth_metrics)
         )
     routes: dict[str, CompiledRoute] = {}
@@ -122,7 +123,9 @@ def compile_runtime(
         {name: breaker_config(cfg, name) for name in cfg.services},
         {name: EjectionConfig(*ejection_config(cfg, name)) for name in cfg.services},
     )
-    identity = frozenset(h.lower() for spec in cfg.auth_policies.values() for h in spec.forward_headers)
+    identity = frozenset(
+        h.lower() for spec in cfg.auth_policies.values() for h in spec.forward_headers
+    )
     return Runtime(
         config=cfg,
         table=table,

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from . import metrics
+from .accesslog import AccessLog
 from .admin import build_admin_app
 from .clock import Clock, SystemClock
 from .config import GatewayConfig, load_config
@@ -62,6 +63,7 @@ class Gateway:
         self._admin_extensions: list[Callable[[web.Application], None]] = []
         self.upstreams: Upstreams
         self.public_port: int | None = None
+        self._access_log: AccessLog | None = None
         self.admin_port: int | None = None
 
     # --- the runtime --------------------------------------------------------------
@@ -118,7 +120,9 @@ class Gateway:
                 continue
             status = statuses.get(name)
             entry: dict[str, Any] = (
-                status.to_json() if status else {"service": name, "source": "unknown", "instances": []}
+                status.to_json()
+                if status
+                else {"service": name, "source": "unknown", "instances": []}
             )
             balancer = self.upstreams.balancers.get(name)
             health = balancer.snapshot() if balancer else {}
@@ -134,7 +138,11 @@ class Gateway:
             return False, {"ready": False, "reason": "routes not loaded"}
         statuses = self.upstreams.resolver.status()
         empty = sorted(n for n, s in statuses.items() if not s.instances)
-        return True, {"ready": True, "routes": len(self._runtime.routes), "services_without_instances": empty}
+        return True, {
+            "ready": True,
+            "routes": len(self._runtime.routes),
+            "services_without_instances": empty,
+        }
 
     def extend_admin(self, app: web.Application) -> None:
         for extend in self._admin_extensions:
@@ -149,7 +157,15 @@ class Gateway:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        cfg = load_config(self.settings.routes_file)  # a bad file stops startup, loudly
+        """Load routes (a bad file stops startup, loudly), then open both listeners."""
+        cfg = load_config(self.settings.routes_file)
+        try:
+            await self._start(cfg)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, cfg: GatewayConfig) -> None:
         session = new_client_session()
         self.upstreams = Upstreams(
             self._resolver or default_resolver(),
@@ -162,7 +178,10 @@ class Gateway:
         await self._apply(cfg)
         metrics.LAST_RELOAD_OK.set(1)
         s = self.settings
-        handler = ProxyHandler(self._get_runtime, self.upstreams, access_log_enabled=s.access_log)
+        self._access_log = AccessLog() if s.access_log else None
+        if self._access_log is not None:
+            self._access_log.start()
+        handler = ProxyHandler(self._get_runtime, self.upstreams, access_log=self._access_log)
         public = GatewayServer(
             handler, access_log=None, max_line_size=s.max_line_size, max_field_size=s.max_field_size
         )
@@ -182,13 +201,18 @@ class Gateway:
         self.admin_port = _bound_port(admin_runner, s.admin_port)
         log.info(
             "gateway listening on http://%s:%s, admin on http://%s:%s",
-            s.host, self.public_port, s.admin_host, self.admin_port,
+            s.host,
+            self.public_port,
+            s.admin_host,
+            self.admin_port,
         )
 
     async def stop(self) -> None:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self._access_log is not None:
+            await self._access_log.stop()
         if hasattr(self, "upstreams"):
             await self.upstreams.session.close()
             await self.upstreams.resolver.close()

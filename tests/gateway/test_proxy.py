@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 from aiohttp import web
 
 from .conftest import free_port, status
@@ -34,8 +33,12 @@ async def test_forwards_path_query_body_and_headers(start_gateway, make_upstream
     async with g.session.post(
         f"{g.url}/echo/a/b?x=1&y=2",
         data=b"hello",
-        headers={"Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "1", "X-Keep": "yes",
-                 "X-Request-ID": "client-id-42"},
+        headers={
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1",
+            "X-Keep": "yes",
+            "X-Request-ID": "client-id-42",
+        },
     ) as r:
         assert r.status == 200
         assert r.headers["X-Request-ID"] == "client-id-42"
@@ -54,7 +57,9 @@ async def test_forwards_path_query_body_and_headers(start_gateway, make_upstream
 async def test_generates_request_id_when_missing_or_malformed(start_gateway, make_upstream):
     up = await make_upstream()
     g = await start_gateway(one_route(up.url))
-    async with g.session.get(f"{g.url}/echo/x", headers={"X-Request-ID": "bad id\twith spaces"}) as r:
+    async with g.session.get(
+        f"{g.url}/echo/x", headers={"X-Request-ID": "bad id\twith spaces"}
+    ) as r:
         rid = r.headers["X-Request-ID"]
     assert len(rid) == 32 and rid != "bad id\twith spaces"
     assert up.seen[-1]["headers"]["X-Request-ID"] == rid
@@ -101,9 +106,9 @@ async def test_get_is_retried_on_503_and_post_is_not(start_gateway, make_upstrea
 async def test_post_opted_in_by_route_is_retried(start_gateway, make_upstream):
     up = await make_upstream()
     g = await start_gateway(
-        one_route(up.url).replace(
-            "service: echo\n", "service: echo\n    retry: {methods: [GET, POST]}\n", 1
-        ).replace("    retry: {methods", "    retry: {methods", 1)
+        one_route(up.url)
+        .replace("service: echo\n", "service: echo\n    retry: {methods: [GET, POST]}\n", 1)
+        .replace("    retry: {methods", "    retry: {methods", 1)
     )
     up.script = [status(503)]
     async with g.session.post(f"{g.url}/echo/r", data=b"{}") as r:
@@ -176,9 +181,7 @@ async def test_breaker_opens_probes_and_closes(start_gateway, make_upstream):
 
     await asyncio.sleep(1.1)
     up.default = status(200, delay=0.3)  # a slow, healthy probe
-    results = await asyncio.gather(
-        *[g.session.get(f"{g.url}/echo/x") for _ in range(10)]
-    )
+    results = await asyncio.gather(*[g.session.get(f"{g.url}/echo/x") for _ in range(10)])
     codes = sorted(r.status for r in results)
     for r in results:
         r.release()

@@ -1,0 +1,101 @@
+"""One run, side by side: direct upstream, a 30-line aiohttp proxy, and the gateway.
+
+    .venv/bin/python bench/gateway_proxy.py [--seconds 8] [--connections 50]
+
+The gateway runs its full policy chain on a one-route config: route match, retry
+policy, circuit breaker, balancer, per-try timeout, header rewriting, metrics and
+the JSON access log (written to /dev/null). CPU per request is the proxy process's
+utime + stime over the run, divided by the requests served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from harness import (
+    PY,
+    cpu_seconds,
+    free_port,
+    load,
+    machine_line,
+    start,
+    stop,
+    table,
+)
+
+ROUTES = """
+defaults:
+  timeout: {{connect: 1s, per_try: 5s, total: 10s}}
+  retry: {{attempts: 3, backoff: {{initial: 50ms, max: 1s}}, on: [connect-error, 502, 503, 504]}}
+  breaker: {{failures: 5, reset_after: 30s}}
+services:
+  bench:
+    instances: [http://127.0.0.1:{port}]
+routes:
+  - name: bench
+    match: {{prefix: /}}
+    service: bench
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop")
+    args = ap.parse_args()
+
+    up_port, bare_port, gw_port, admin_port = (free_port() for _ in range(4))
+    upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
+    bare = start(
+        [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{up_port}"], port=bare_port
+    )
+    routes = Path(tempfile.mkdtemp()) / "routes.yaml"
+    routes.write_text(ROUTES.format(port=up_port))
+    env = {
+        "GATEWAY_ROUTES_FILE": str(routes),
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(gw_port),
+        "GATEWAY_ADMIN_PORT": str(admin_port),
+    }
+    gateway_cmd = [PY, "-m", "gateway"]
+    if args.uvloop:
+        env["GATEWAY_UVLOOP"] = "1"
+    gateway = start(gateway_cmd, env=env, port=gw_port)
+    rows = []
+    tool = ""
+    try:
+        for name, port, proc in (
+            ("direct to upstream", up_port, upstream),
+            ("30-line aiohttp proxy", bare_port, bare),
+            ("gateway (full policy chain)", gw_port, gateway),
+        ):
+            url = f"http://127.0.0.1:{port}/bench/item?x=1"
+            load(url, args.connections, 2)  # warm up connections and caches
+            cpu0 = cpu_seconds(proc.pid)
+            result, tool = load(url, args.connections, args.seconds)
+            cpu = cpu_seconds(proc.pid) - cpu0
+            per_req_us = cpu / max(result.requests, 1) * 1e6
+            rows.append(
+                [
+                    name,
+                    f"{result.rps:,.0f}",
+                    f"{result.p50_ms:.2f} ms",
+                    f"{result.p99_ms:.2f} ms",
+                    f"{per_req_us:.0f} µs" if proc is not upstream else f"({per_req_us:.0f} µs)",
+                    str(result.errors),
+                ]
+            )
+            time.sleep(0.5)
+    finally:
+        stop(gateway, bare, upstream)
+    print(f"# gateway vs bare proxy vs direct — {machine_line()}")
+    print(f"# load: {tool}, {args.connections} connections, {args.seconds}s, small GET, loopback")
+    print(table(["path", "req/s", "p50", "p99", "CPU per request", "errors"], rows))
+
+
+if __name__ == "__main__":
+    main()
