@@ -11,17 +11,15 @@ sets only ``timeout.total`` keeps the service's ``connect`` and the defaults' re
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .breaker import BreakerConfig
-from .errors import ConfigError
 from .retry import IDEMPOTENT_METHODS, RetryPolicy
+from .yamlfile import load_yaml_model, parse_yaml_model
 
 __all__ = [
     "AuthPolicySpec",
@@ -412,119 +410,19 @@ def ejection_config(cfg: GatewayConfig, service: str) -> tuple[int, float]:
     return (_pick(_layered(layers, "failures"), 3), _pick(_layered(layers, "cooldown"), 10.0))
 
 
-# --- loading with file:line errors --------------------------------------------------
+# --- loading -------------------------------------------------------------------------
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys and reads booleans the YAML 1.2 way.
-
-    YAML 1.1 reads ``on``, ``off``, ``yes`` and ``no`` as booleans, which would turn
-    ``retry: {on: [...]}`` into a ``True`` key; only ``true``/``false`` are booleans here.
-    """
-
-    yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first on line {seen[key]})",
-                key_node.start_mark,
-            )
-        seen[key] = key_node.start_mark.line + 1
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-_LineLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _line_index(node: yaml.Node | None, path: tuple = (), out: dict | None = None) -> dict:
-    """Map every key path (as pydantic reports it) to its 1-based line."""
-    out = {} if out is None else out
-    if node is None:
-        return out
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            out[(*path, key)] = key_node.start_mark.line + 1
-            _line_index(value_node, (*path, key), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[(*path, i)] = item.start_mark.line + 1
-            _line_index(item, (*path, i), out)
-    return out
-
-
-def _field_name(loc: tuple) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
-def _line_for(lines: dict, loc: tuple) -> int:
-    loc = tuple(x for x in loc if isinstance(x, int) or "[" not in str(x))
-    for end in range(len(loc), -1, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return 1
+def _reference_problems(config: BaseModel) -> list[tuple[tuple, str]]:
+    assert isinstance(config, GatewayConfig)
+    return config.reference_problems()
 
 
 def parse_config(text: str, source: str = "routes.yaml") -> GatewayConfig:
     """Parse and validate YAML text; raise :class:`ConfigError` naming file:line and field."""
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader) if node is not None else {}
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError(f"{source}:{line}: invalid YAML: {exc.problem or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}:1: the file must be a mapping with defaults/services/routes")
-    lines = _line_index(node)
-    try:
-        config = GatewayConfig.model_validate(data)
-    except ValidationError as exc:
-        found = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field (check the spelling)"
-            found.append((tuple(err["loc"]), msg))
-    else:
-        found = config.reference_problems()
-        if not found:
-            return config
-    problems = [
-        f"{source}:{_line_for(lines, loc)}: {_field_name(loc)}: {msg}" for loc, msg in found
-    ]
-    raise ConfigError("\n".join(problems), problems=problems)
+    return parse_yaml_model(text, source, GatewayConfig, _reference_problems)
 
 
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a routes file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the routes file: {exc.strerror or exc}") from None
-    return parse_config(text, str(path))
+    return load_yaml_model(path, GatewayConfig, _reference_problems, what="routes file")

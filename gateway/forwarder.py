@@ -290,6 +290,17 @@ class Upstreams:
             self._on_failure(service, kind)
 
 
+def new_client_session() -> aiohttp.ClientSession:
+    """The one pooled session for all upstream traffic: transparent, no auto headers."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
 class ServiceClient:
     """Service-to-service HTTP with the gateway's discovery, breakers, retries and timeouts."""
 
@@ -317,6 +328,10 @@ class ServiceClient:
             service, method, path, send_headers, body, policy or self.policy
         ) as ex:
             return ex.response.status, ex.response.headers, await ex.response.read()
+
+    async def close(self) -> None:
+        await self.upstreams.session.close()
+        await self.upstreams.resolver.close()
 
     def stream(
         self,

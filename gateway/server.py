@@ -8,7 +8,6 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from . import metrics
@@ -18,7 +17,7 @@ from .clock import Clock, SystemClock
 from .config import GatewayConfig, load_config
 from .discovery import Resolver, discovery_from_config
 from .errors import ConfigError
-from .forwarder import ServiceClient, Upstreams
+from .forwarder import ServiceClient, Upstreams, new_client_session
 from .proxy import GatewayServer, ProxyHandler
 from .runtime import Runtime, compile_runtime
 from .settings import GatewaySettings
@@ -31,17 +30,6 @@ def default_resolver() -> Resolver:
     from .consul_resolver import build_resolver
 
     return build_resolver()
-
-
-def new_client_session() -> aiohttp.ClientSession:
-    """The one pooled session for all upstream traffic: transparent, no auto headers."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
-        timeout=aiohttp.ClientTimeout(total=None),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
 
 
 class Gateway:

@@ -1,0 +1,39 @@
+"""Service-to-service calls with the gateway's own machinery.
+
+A service that calls a peer (the orchestrator calling billing, say) builds one
+:class:`~gateway.forwarder.ServiceClient` here. It reads the same ``routes.yaml``
+(``GATEWAY_ROUTES_FILE``) for each peer's discovery mode, static instances,
+breaker and ejection thresholds, and resolves through Consul when
+``CONSUL_HTTP_ADDR`` is set, so no service holds a hard-coded peer URL.
+"""
+
+from __future__ import annotations
+
+from .balancer import EjectionConfig
+from .config import GatewayConfig, breaker_config, ejection_config, load_config
+from .discovery import Resolver, discovery_from_config
+from .forwarder import CallPolicy, ServiceClient, Upstreams, new_client_session
+from .settings import GatewaySettings
+
+
+async def open_service_client(
+    routes_file: str | None = None,
+    *,
+    config: GatewayConfig | None = None,
+    resolver: Resolver | None = None,
+    policy: CallPolicy | None = None,
+) -> ServiceClient:
+    """A ready client; ``await client.close()`` when done."""
+    if config is None:
+        config = load_config(routes_file or GatewaySettings().routes_file)
+    if resolver is None:
+        from .consul_resolver import build_resolver
+
+        resolver = build_resolver()
+    await resolver.configure(discovery_from_config(config.services))
+    upstreams = Upstreams(resolver, new_client_session())
+    upstreams.configure(
+        {name: breaker_config(config, name) for name in config.services},
+        {name: EjectionConfig(*ejection_config(config, name)) for name in config.services},
+    )
+    return ServiceClient(upstreams, policy)
