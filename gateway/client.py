@@ -12,7 +12,7 @@ from __future__ import annotations
 from .balancer import EjectionConfig
 from .config import GatewayConfig, breaker_config, ejection_config, load_config
 from .discovery import Resolver, discovery_from_config
-from .forwarder import CallPolicy, ServiceClient, Upstreams, new_client_session
+from .forwarder import CallPolicy, ServiceClient, Upstreams, new_connection_pool
 from .settings import GatewaySettings
 
 
@@ -31,7 +31,7 @@ async def open_service_client(
 
         resolver = build_resolver()
     await resolver.configure(discovery_from_config(config.services))
-    upstreams = Upstreams(resolver, new_client_session())
+    upstreams = Upstreams(resolver, new_connection_pool())
     upstreams.configure(
         {name: breaker_config(config, name) for name in config.services},
         {name: EjectionConfig(*ejection_config(config, name)) for name in config.services},

@@ -249,7 +249,9 @@ class ConsulResolver(Resolver):
                     failing = True
                     log.warning(
                         "consul: watching %r failed: %s; serving the %d last known instance(s)",
-                        name, text, len(w.instances),
+                        name,
+                        text,
+                        len(w.instances),
                     )
                 else:
                     log.debug("consul: watching %r still failing: %s", name, text)
@@ -263,7 +265,9 @@ class ConsulResolver(Resolver):
             if new_index < index:
                 log.info(
                     "consul: index for %r went backwards (%d -> %d): restarting the watch",
-                    name, index, new_index,
+                    name,
+                    index,
+                    new_index,
                 )
                 index = 0
             else:
@@ -275,7 +279,9 @@ class ConsulResolver(Resolver):
             if instances != w.instances:
                 log.info(
                     "consul: %r now has %d healthy instance(s): %s",
-                    name, len(instances), ", ".join(i.url for i in instances) or "-",
+                    name,
+                    len(instances),
+                    ", ".join(i.url for i in instances) or "-",
                 )
             w.instances = instances
             w.index = new_index

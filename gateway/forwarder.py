@@ -26,6 +26,7 @@ from .breaker import BreakerConfig, BreakerOpenError, CircuitBreaker
 from .clock import Clock, SystemClock
 from .discovery import Resolver
 from .errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
+from .http1 import ConnectError, ConnectionPool, UpstreamResponse
 from .retry import Attempt, Outcome, RetryPolicy, parse_retry_after
 
 log = logging.getLogger("gateway.upstream")
@@ -63,11 +64,11 @@ Body = bytes | StreamedBody | None
 
 def classify(exc: BaseException) -> Outcome | None:
     """Map a client exception to a retry outcome; None means "not an upstream failure"."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
+    if isinstance(exc, ConnectError):
         return Outcome.connect_error()
     if isinstance(exc, TimeoutError):
         return Outcome.timeout()
-    if isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, aiohttp.ClientError | OSError):
         return Outcome.reset()
     return None
 
@@ -89,7 +90,7 @@ def _reason(exc: BaseException) -> str:
 class Exchange:
     """The upstream answer that the caller reads; released when the context exits."""
 
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     instance: str
     attempts: int
     deadline: float
@@ -104,7 +105,7 @@ class Upstreams:
     def __init__(
         self,
         resolver: Resolver,
-        session: aiohttp.ClientSession,
+        pool: ConnectionPool,
         *,
         clock: Clock | None = None,
         rand: Callable[[], float] = random.random,
@@ -113,7 +114,7 @@ class Upstreams:
         on_failure: RetryHook | None = None,
     ) -> None:
         self.resolver = resolver
-        self.session = session
+        self.pool = pool
         self.clock = clock or SystemClock()
         self._rand = rand
         self._on_transition = on_breaker_transition
@@ -121,7 +122,6 @@ class Upstreams:
         self._on_failure = on_failure
         self._breakers: dict[str, CircuitBreaker] = {}
         self._balancers: dict[str, Balancer] = {}
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def configure(
         self, breakers: Mapping[str, BreakerConfig], ejections: Mapping[str, EjectionConfig]
@@ -149,20 +149,6 @@ class Upstreams:
     @property
     def balancers(self) -> Mapping[str, Balancer]:
         return self._balancers
-
-    def _client_timeout(self, connect: float, read: float) -> aiohttp.ClientTimeout:
-        """``read`` bounds each wait for data: the answer's headers, then every body chunk.
-
-        aiohttp's own socket timers do this without an extra timer per attempt; the
-        common budget (the route's per-try timeout) is cached.
-        """
-        key = (connect, read)
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
-            if len(self._timeouts) < 256:
-                self._timeouts[key] = timeout
-        return timeout
 
     @asynccontextmanager
     async def open(
@@ -225,13 +211,14 @@ class Upstreams:
             tried.append(url)
             budget = attempt.budget(now, policy.per_try_timeout)
             try:
-                response = await self.session.request(
+                response = await self.pool.request(
+                    url,
                     method,
-                    url + path_qs,
-                    headers=headers,
-                    data=body,
-                    timeout=self._client_timeout(min(policy.connect_timeout, budget), budget),
-                    allow_redirects=False,
+                    path_qs,
+                    headers,
+                    body,
+                    connect_timeout=min(policy.connect_timeout, budget),
+                    read_timeout=budget,
                 )
             except asyncio.CancelledError:
                 permit.release()
@@ -290,15 +277,9 @@ class Upstreams:
             self._on_failure(service, kind)
 
 
-def new_client_session() -> aiohttp.ClientSession:
-    """The one pooled session for all upstream traffic: transparent, no auto headers."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, keepalive_timeout=30),
-        timeout=aiohttp.ClientTimeout(total=None),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+def new_connection_pool() -> ConnectionPool:
+    """The one pool for all upstream traffic of a process."""
+    return ConnectionPool(keepalive_timeout=30.0)
 
 
 class ServiceClient:
@@ -319,7 +300,7 @@ class ServiceClient:
         policy: CallPolicy | None = None,
     ) -> tuple[int, CIMultiDictProxy[str], bytes]:
         """Send and read the whole answer: (status, headers, body)."""
-        send_headers: CIMultiDict[str] = CIMultiDict(headers or {})
+        send_headers = _caller_headers(headers)
         body: bytes | None = None
         if json_body is not None:
             body = json.dumps(json_body, default=str).encode()
@@ -330,7 +311,7 @@ class ServiceClient:
             return ex.response.status, ex.response.headers, await ex.response.read()
 
     async def close(self) -> None:
-        await self.upstreams.session.close()
+        await self.upstreams.pool.close()
         await self.upstreams.resolver.close()
 
     def stream(
@@ -345,5 +326,13 @@ class ServiceClient:
     ):
         """An async context manager yielding the :class:`Exchange`, body unread."""
         return self.upstreams.open(
-            service, method, path, CIMultiDict(headers or {}), body, policy or self.policy
+            service, method, path, _caller_headers(headers), body, policy or self.policy
         )
+
+
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+def _caller_headers(headers: Mapping[str, str] | None) -> CIMultiDict[str]:
+    """A caller's headers minus the framing ones the client writes itself."""
+    return CIMultiDict((k, v) for k, v in (headers or {}).items() if k.lower() not in _FRAMING)

@@ -153,59 +153,61 @@ class ProxyHandler:
         path_qs = match.upstream_path
         if request.query_string:
             path_qs = f"{path_qs}?{request.query_string}"
-        async with self._upstreams.open(
-            route.service, request.method, path_qs, headers, body, route.call
-        ) as ex:
+        try:
+            async with self._upstreams.open(
+                route.service, request.method, path_qs, headers, body, route.call
+            ) as ex:
+                return await self._respond(request, route, ex, request_id)
+        except GatewayError:
             if streamed is not None and streamed.too_large:
-                raise PayloadTooLarge(f"request body exceeds the limit of {policy.max_body} bytes")
-            upstream = ex.response
-            out_headers = downstream_response_headers(upstream.headers)
-            out_headers["X-Request-ID"] = request_id
-            known = upstream.content_length
-            if (
-                request.method == "HEAD"
-                or upstream.status in _NO_BODY_STATUSES
-                or (known is not None and known <= SMALL_RESPONSE)
-            ):
-                try:
-                    payload = await upstream.read()
-                except TimeoutError:
-                    raise GatewayTimeout(
-                        f"service {route.service!r} stopped sending its answer"
-                    ) from None
-                except aiohttp.ClientError as exc:
-                    raise BadGateway(
-                        f"service {route.service!r} broke off its answer: {exc}"
-                    ) from None
-                resp = web.Response(
-                    status=upstream.status, reason=upstream.reason, headers=out_headers
-                )
-                if payload:
-                    resp.body = payload
-                return resp, ex.attempts, ex.instance
-            resp = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=out_headers
-            )
-            if known is not None:
-                resp.content_length = known
-            await resp.prepare(request)
+                raise PayloadTooLarge(
+                    f"request body exceeds the limit of {policy.max_body} bytes"
+                ) from None
+            raise
+
+    async def _respond(
+        self, request: web.BaseRequest, route: Any, ex: Any, request_id: str
+    ) -> tuple[web.StreamResponse, int, str]:
+        """Send the upstream's answer on: small ones whole, the rest streamed."""
+        upstream = ex.response
+        out_headers = downstream_response_headers(upstream.headers)
+        out_headers["X-Request-ID"] = request_id
+        known = upstream.content_length
+        if (
+            request.method == "HEAD"
+            or upstream.status in _NO_BODY_STATUSES
+            or (known is not None and known <= SMALL_RESPONSE)
+        ):
             try:
-                async with asyncio.timeout(max(0.0, ex.deadline - time.monotonic())):
-                    async for chunk in upstream.content.iter_any():
-                        await resp.write(chunk)
-            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-                log.warning("upstream %s stopped mid-answer: %r", ex.instance, exc)
-                # Headers are gone already: cutting the connection is the only honest signal.
-                if request.transport is not None:
-                    request.transport.close()
-                return resp, ex.attempts, ex.instance
-            except Exception as exc:  # aiohttp.ClientPayloadError and friends
-                log.warning("upstream %s stopped mid-answer: %r", ex.instance, exc)
-                if request.transport is not None:
-                    request.transport.close()
-                return resp, ex.attempts, ex.instance
-            await resp.write_eof()
+                payload = await upstream.read()
+            except TimeoutError:
+                raise GatewayTimeout(
+                    f"service {route.service!r} stopped sending its answer"
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise BadGateway(f"service {route.service!r} broke off its answer: {exc}") from None
+            resp = web.Response(status=upstream.status, reason=upstream.reason, headers=out_headers)
+            if payload:
+                resp.body = payload
             return resp, ex.attempts, ex.instance
+        resp = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=out_headers
+        )
+        if known is not None:
+            resp.content_length = known
+        await resp.prepare(request)
+        try:
+            async with asyncio.timeout(max(0.0, ex.deadline - time.monotonic())):
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+        except Exception as exc:  # timeout, upstream cut off, client gone
+            log.warning("stream from %s ended early: %r", ex.instance, exc)
+            # Headers are gone already: cutting the connection is the only honest signal.
+            if request.transport is not None:
+                request.transport.close()
+            return resp, ex.attempts, ex.instance
+        await resp.write_eof()
+        return resp, ex.attempts, ex.instance
 
     @staticmethod
     async def _body(
@@ -237,7 +239,9 @@ class _LimitedStream:
             self.seen += len(chunk)
             if self.seen > self._limit:
                 self.too_large = True
-                return
+                # Raising (not returning) makes the client cut the upstream connection,
+                # so the upstream never sees a body that looks complete.
+                raise PayloadTooLarge(f"request body exceeds the limit of {self._limit} bytes")
             yield chunk
 
 

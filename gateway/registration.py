@@ -76,7 +76,8 @@ class ServiceRegistration:
             log.warning(
                 "%s: advertising %r in Consul, which no one can connect to: set "
                 "SERVICE_ADVERTISE_HOST to this machine's reachable address",
-                name, self.host,
+                name,
+                self.host,
             )
         self.version = version
         self.tags = tuple(tags)
@@ -173,12 +174,19 @@ class ServiceRegistration:
                     if exc.status == 404:
                         log.info("consul: %s was already gone", self.instance_id)
                     else:
-                        log.warning("consul: could not deregister %s: %s "
-                                    "(Consul removes it after its check stays critical for %s)",
-                                    self.instance_id, exc, self.deregister_after)
+                        log.warning(
+                            "consul: could not deregister %s: %s "
+                            "(Consul removes it after its check stays critical for %s)",
+                            self.instance_id,
+                            exc,
+                            self.deregister_after,
+                        )
                 except TimeoutError:
-                    log.warning("consul: deregistering %s timed out after %gs",
-                                self.instance_id, self._stop_timeout)
+                    log.warning(
+                        "consul: deregistering %s timed out after %gs",
+                        self.instance_id,
+                        self._stop_timeout,
+                    )
         finally:
             self._sent = False
             self._registered.clear()
@@ -196,8 +204,13 @@ class ServiceRegistration:
                 raise
             except ConsulError as exc:
                 delay = next(delays)
-                log.warning("consul: registering %s failed (try %d, next in %.2gs): %s",
-                            self.instance_id, attempt, delay, exc)
+                log.warning(
+                    "consul: registering %s failed (try %d, next in %.2gs): %s",
+                    self.instance_id,
+                    attempt,
+                    delay,
+                    exc,
+                )
                 await asyncio.sleep(delay)
                 continue
             self._sent = True

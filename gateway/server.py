@@ -15,9 +15,10 @@ from .accesslog import AccessLog
 from .admin import build_admin_app
 from .clock import Clock, SystemClock
 from .config import GatewayConfig, load_config
+from .dashboard import install_dashboard
 from .discovery import Resolver, discovery_from_config
 from .errors import ConfigError
-from .forwarder import ServiceClient, Upstreams, new_client_session
+from .forwarder import ServiceClient, Upstreams, new_connection_pool
 from .proxy import GatewayServer, ProxyHandler
 from .runtime import Runtime, compile_runtime
 from .settings import GatewaySettings
@@ -49,6 +50,7 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._runners: list[web.BaseRunner] = []
         self._admin_extensions: list[Callable[[web.Application], None]] = []
+        self.add_admin_extension(install_dashboard)
         self.upstreams: Upstreams
         self.public_port: int | None = None
         self._access_log: AccessLog | None = None
@@ -154,10 +156,10 @@ class Gateway:
             raise
 
     async def _start(self, cfg: GatewayConfig) -> None:
-        session = new_client_session()
+        pool = new_connection_pool()
         self.upstreams = Upstreams(
             self._resolver or default_resolver(),
-            session,
+            pool,
             clock=self.clock,
             on_breaker_transition=metrics.breaker_transition,
             on_retry=lambda svc, why: metrics.RETRIES.labels(svc, why).inc(),
@@ -202,7 +204,7 @@ class Gateway:
         if self._access_log is not None:
             await self._access_log.stop()
         if hasattr(self, "upstreams"):
-            await self.upstreams.session.close()
+            await self.upstreams.pool.close()
             await self.upstreams.resolver.close()
 
 
