@@ -5,9 +5,26 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean install
+.PHONY: run test lint bench clean install system-deps
+
+# Debian packages the test suite drives for real: headless Chromium for the dashboard,
+# promtool and a Prometheus server for the monitoring config, docker-compose to
+# validate the compose file, wrk for the benchmarks. Installed only when missing.
+SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver promtool:prometheus \
+               docker-compose:docker-compose wrk:wrk
 
 install: $(STAMP)
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_DEPS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -21,7 +38,7 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m services.local
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .balancer import EjectionConfig
 from .breaker import BreakerConfig
 from .retry import IDEMPOTENT_METHODS, RetryPolicy
 from .yamlfile import load_yaml_model, parse_yaml_model
@@ -414,8 +415,23 @@ def ejection_config(cfg: GatewayConfig, service: str) -> tuple[int, float]:
 
 
 def _reference_problems(config: BaseModel) -> list[tuple[tuple, str]]:
+    """Dangling names, then policies that cannot be built (e.g. backoff initial > max)."""
     assert isinstance(config, GatewayConfig)
-    return config.reference_problems()
+    problems = config.reference_problems()
+    if problems:
+        return problems
+    for name in config.services:
+        try:
+            breaker_config(config, name)
+            EjectionConfig(*ejection_config(config, name))
+        except ValueError as exc:
+            problems.append((("services", name), str(exc)))
+    for i, route in enumerate(config.routes):
+        try:
+            resolve_policy(config, route)
+        except ValueError as exc:
+            problems.append((("routes", i), str(exc)))
+    return problems
 
 
 def parse_config(text: str, source: str = "routes.yaml") -> GatewayConfig:

@@ -6,6 +6,8 @@ import asyncio
 
 from aiohttp import web
 
+from gateway import metrics
+
 from .conftest import free_port
 
 
@@ -131,6 +133,7 @@ routes:
     service: echo
 """
     g = await start_gateway(base)
+    refused_before = metrics.RELOADS.labels("error")._value.get()
     async with g.session.get(f"{g.url}/two/x") as r:
         assert r.status == 404
     g.write(base + "  - name: two\n    match: {prefix: /two/}\n    service: echo\n")
@@ -151,7 +154,10 @@ routes:
         assert r.status == 200
     async with g.session.get(f"{g.admin}/metrics") as r:
         text = await r.text()
-    assert 'aiagg_gateway_config_reloads_total{result="error"} 1.0' in text
+    refused = float(
+        text.split('aiagg_gateway_config_reloads_total{result="error"} ')[1].split()[0]
+    )
+    assert refused == refused_before + 1
     assert "aiagg_gateway_config_last_reload_successful 0.0" in text
 
 

@@ -222,6 +222,21 @@ def test_unknown_auth_policy_and_bad_instance_url():
     assert "auth 'magic'" in msg
 
 
+def test_policies_that_cannot_be_built_are_config_errors():
+    msg = error_of(
+        """
+        services:
+          s: {instances: ["http://127.0.0.1:1"]}
+        routes:
+          - name: r
+            match: {prefix: /}
+            service: s
+            retry: {backoff: {initial: 2s, max: 1s}}
+        """
+    )
+    assert msg.startswith("r.yaml:5: routes[0]: ")
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(tmp_path / "absent.yaml")

@@ -1,0 +1,7 @@
+"""The CLI and dashboard tests drive a live gateway with the gateway tests' fixtures."""
+
+from __future__ import annotations
+
+from tests.gateway.conftest import free_port, make_upstream, start_gateway
+
+__all__ = ["free_port", "make_upstream", "start_gateway"]
