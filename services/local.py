@@ -128,7 +128,9 @@ class LocalPlatform:
                 headers=admin,
             ) as r:
                 if r.status not in (200, 201):
-                    raise RuntimeError(f"could not credit the demo user: {r.status} {await r.text()}")
+                    raise RuntimeError(
+                        f"could not credit the demo user: {r.status} {await r.text()}"
+                    )
             async with http.get(f"{base}/billing/balance/{BOOTSTRAP_USER}", headers=admin) as r:
                 balance = (await r.json()).get("balance")
         return {"key": key, "user_id": BOOTSTRAP_USER, "balance": balance, "base": base}
