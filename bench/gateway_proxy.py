@@ -1,4 +1,4 @@
-"""One run, side by side: direct upstream, a 30-line aiohttp proxy, and the gateway.
+"""One run, side by side: direct upstream, nginx, a 30-line aiohttp proxy, and the gateway.
 
     .venv/bin/python bench/gateway_proxy.py [--seconds 8] [--connections 50]
 
@@ -11,6 +11,7 @@ utime + stime over the run, divided by the requests served.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,50 @@ routes:
 """
 
 
+NGINX = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream bench {{ server 127.0.0.1:{up}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://bench;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+
+def start_nginx(port: int, up_port: int):
+    """nginx 1 worker with upstream keep-alive, as in ../shared/BENCHMARKING.md; None if absent."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        return None
+    work = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    conf = work / "nginx.conf"
+    conf.write_text(NGINX.format(dir=work, up=up_port, port=port))
+    return start([binary, "-c", str(conf), "-p", str(work)], port=port)
+
+
+def worker_pid(master_pid: int) -> int:
+    """nginx serves from its worker: measure that process's CPU."""
+    children = Path(f"/proc/{master_pid}/task/{master_pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    return int(kids[0]) if kids else master_pid
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
@@ -48,7 +93,7 @@ def main() -> None:
     ap.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop")
     args = ap.parse_args()
 
-    up_port, bare_port, gw_port, admin_port = (free_port() for _ in range(4))
+    up_port, bare_port, gw_port, admin_port, nginx_port = (free_port() for _ in range(5))
     upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
     bare = start(
         [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{up_port}"], port=bare_port
@@ -65,19 +110,24 @@ def main() -> None:
     if args.uvloop:
         env["GATEWAY_UVLOOP"] = "1"
     gateway = start(gateway_cmd, env=env, port=gw_port)
+    nginx = start_nginx(nginx_port, up_port)
+    contenders = [("direct to upstream", up_port, upstream)]
+    if nginx is not None:
+        contenders.append(("nginx 1 worker, keepalive 64", nginx_port, nginx))
+    contenders += [
+        ("30-line aiohttp proxy", bare_port, bare),
+        ("gateway (full policy chain)", gw_port, gateway),
+    ]
     rows = []
     tool = ""
     try:
-        for name, port, proc in (
-            ("direct to upstream", up_port, upstream),
-            ("30-line aiohttp proxy", bare_port, bare),
-            ("gateway (full policy chain)", gw_port, gateway),
-        ):
+        for name, port, proc in contenders:
             url = f"http://127.0.0.1:{port}/bench/item?x=1"
             load(url, args.connections, 2)  # warm up connections and caches
-            cpu0 = cpu_seconds(proc.pid)
+            pid = worker_pid(proc.pid) if proc is nginx else proc.pid
+            cpu0 = cpu_seconds(pid)
             result, tool = load(url, args.connections, args.seconds)
-            cpu = cpu_seconds(proc.pid) - cpu0
+            cpu = cpu_seconds(pid) - cpu0
             per_req_us = cpu / max(result.requests, 1) * 1e6
             rows.append(
                 [
@@ -91,7 +141,7 @@ def main() -> None:
             )
             time.sleep(0.5)
     finally:
-        stop(gateway, bare, upstream)
+        stop(*(p for p in (gateway, bare, upstream, nginx) if p is not None))
     print(f"# gateway vs bare proxy vs direct — {machine_line()}")
     print(f"# load: {tool}, {args.connections} connections, {args.seconds}s, small GET, loopback")
     print(table(["path", "req/s", "p50", "p99", "CPU per request", "errors"], rows))

@@ -113,8 +113,8 @@ def wrk(url: str, connections: int = 50, seconds: int = 8, threads: int = 1) -> 
     reqs = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))
     dur_m = re.search(r"requests in ([\d.]+)(ms|s|m)", out)
     dur = float(dur_m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[dur_m.group(2)]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
+    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
     errs = 0
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errs += int(m.group(1))
