@@ -1,0 +1,1 @@
+"""The analytics service (port 3005): every event once, and metrics over them."""

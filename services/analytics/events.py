@@ -1,0 +1,18 @@
+"""Analytics consumes every event (queue ``analytics.events`` bound to ``#``) and
+publishes none. Each event is stored once: the consumer's inbox dedupes by event id,
+and the events table's unique id makes a second insert a no-op anyway."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common import events
+
+from . import store
+
+EVENTS_QUEUE = events.ANALYTICS_EVENTS
+EVENTS_BINDINGS = ("#",)
+
+
+async def on_event(event: events.Event, session: AsyncSession) -> None:
+    await store.store_event(session, event)

@@ -1,0 +1,1 @@
+"""The billing service (port 3004): balances, top-ups, the ledger, and reservations."""

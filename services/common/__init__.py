@@ -1,0 +1,1 @@
+"""Code shared by the domain services: database access and the event backbone."""

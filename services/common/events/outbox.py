@@ -1,0 +1,312 @@
+"""Transactional outbox: events are written with the change they describe, then relayed.
+
+A service never publishes from its request path. It calls :func:`record` inside the
+database transaction that makes the change; the row commits (or rolls back) with it.
+The :class:`OutboxRelay` background task publishes pending rows in id order with
+publisher confirms and marks them sent. When the broker is down the rows wait; the
+relay backs off (jittered, capped) and keeps retrying; a restarted process just reads
+them again. A crash between publish and "mark sent" publishes an event twice, which
+consumers absorb (they dedupe by event id, see :mod:`.consumer`).
+
+Include :data:`outbox_metadata` in the service's ``create_all``: it holds
+``event_outbox`` and ``processed_events`` (the consumers' inbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from ..db import Database
+from .bus import EventBus, PublishError, error_text
+from .envelope import Event
+from .metrics import OUTBOX_BACKLOG, OUTBOX_RELAYED
+from .settings import EventSettings
+
+log = logging.getLogger("aiagg.events.outbox")
+
+#: set in ``session.info`` by :func:`record`; the relay wakes after such a commit
+OUTBOX_PENDING = "aiagg_outbox_pending"
+
+outbox_metadata = MetaData()
+
+_Id = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY autoincrements
+
+event_outbox = Table(
+    "event_outbox",
+    outbox_metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("type", String(200), nullable=False),
+    Column("source", String(100), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Index("ix_event_outbox_pending", "sent_at", "id"),
+)
+
+processed_events = Table(
+    "processed_events",
+    outbox_metadata,
+    Column("consumer", String(200), primary_key=True),
+    Column("event_id", String(36), primary_key=True),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+)
+
+
+async def record(session: AsyncSession, type: str, data: dict[str, Any], source: str) -> Event:
+    """Add a new event to the outbox in the caller's open transaction (no commit here)."""
+    return await record_event(session, Event.new(type, source, data))
+
+
+async def record_event(session: AsyncSession, event: Event) -> Event:
+    """Like :func:`record`, for an event built by the caller."""
+    await session.execute(
+        insert(event_outbox).values(
+            event_id=event.id,
+            type=event.type,
+            source=event.source,
+            payload=event.to_json().decode("utf-8"),
+            created_at=event.occurred_at,
+            attempts=0,
+        )
+    )
+    session.info[OUTBOX_PENDING] = True
+    return event
+
+
+async def pending_count(db: Database) -> int:
+    async with db.session() as session:
+        result = await session.execute(
+            select(func.count()).select_from(event_outbox).where(event_outbox.c.sent_at.is_(None))
+        )
+        return int(result.scalar_one())
+
+
+class OutboxRelay:
+    """Publishes the outbox of ``db`` through ``bus``; one per service process.
+
+    ``start()`` runs it in the background; ``notify()`` wakes it at once (called for you
+    after every commit of a ``db`` session that recorded events); otherwise it polls every
+    ``EVENTS_OUTBOX_POLL_INTERVAL``. Two relays on one database stay correct (consumers
+    dedupe) but may publish some events twice.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        settings: EventSettings | None = None,
+        *,
+        name: str = "outbox",
+    ) -> None:
+        self.db = db
+        self.bus = bus
+        self.settings = settings or bus.settings
+        self.name = name
+        self._wake = asyncio.Event()
+        self._drain_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+        #: failures in a row of the latest drains; 0 when the last one went through
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+        db.add_commit_listener(self._on_commit)
+
+    def _on_commit(self, session: Session) -> None:
+        if session.info.pop(OUTBOX_PENDING, False):
+            self.notify()
+
+    def notify(self) -> None:
+        """Wake the relay now (cheap; safe to call from anywhere in the event loop)."""
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        if not self.running:
+            self._task = asyncio.create_task(self._run(), name=f"outbox-relay:{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the background task; pending rows stay pending for the next start."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def close(self) -> None:
+        await self.stop()
+        self.db.remove_commit_listener(self._on_commit)
+
+    async def pending_count(self) -> int:
+        return await pending_count(self.db)
+
+    async def run_once(self) -> int:
+        """Publish every pending row, in order; returns how many were sent.
+
+        Stops at the first failure, which it records on that row and raises
+        (PublishError for broker trouble); the rows after it stay pending.
+        """
+        async with self._drain_lock:
+            total = 0
+            try:
+                while True:
+                    sent, full = await self._drain_batch()
+                    total += sent
+                    if not full:
+                        break
+            finally:
+                with contextlib.suppress(Exception):
+                    OUTBOX_BACKLOG.labels(outbox=self.name).set(await self.pending_count())
+            return total
+
+    async def _drain_batch(self) -> tuple[int, bool]:
+        batch = self.settings.events_outbox_batch_size
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(event_outbox.c.id, event_outbox.c.payload)
+                    .where(event_outbox.c.sent_at.is_(None))
+                    .order_by(event_outbox.c.id)
+                    .limit(batch)
+                )
+            ).all()
+        sent: list[int] = []
+        failed: tuple[int, str] | None = None
+        try:
+            for row_id, payload in rows:
+                try:
+                    await self.bus.publish(Event.from_json(payload))
+                except Exception as exc:
+                    failed = (row_id, error_text(exc))
+                    raise
+                sent.append(row_id)
+        finally:
+            await self._mark(sent, failed)
+        return len(sent), len(rows) == batch
+
+    async def _mark(self, sent: list[int], failed: tuple[int, str] | None) -> None:
+        if not sent and failed is None:
+            return
+        now = datetime.now(UTC)
+        async with self.db.transaction() as session:
+            if sent:
+                await session.execute(
+                    update(event_outbox).where(event_outbox.c.id.in_(sent)).values(sent_at=now)
+                )
+            if failed is not None:
+                await session.execute(
+                    update(event_outbox)
+                    .where(event_outbox.c.id == failed[0])
+                    .values(attempts=event_outbox.c.attempts + 1, last_error=failed[1])
+                )
+        if sent:
+            OUTBOX_RELAYED.labels(outbox=self.name).inc(len(sent))
+
+    async def purge_sent(self, older_than: float) -> int:
+        """Delete rows sent more than ``older_than`` seconds ago; returns how many."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                delete(event_outbox).where(
+                    event_outbox.c.sent_at.is_not(None), event_outbox.c.sent_at < cutoff
+                )
+            )
+            return int(result.rowcount or 0)
+
+    def _backoff(self) -> float:
+        s = self.settings
+        ceiling = min(
+            s.events_outbox_backoff_max,
+            s.events_outbox_backoff_initial * 2 ** min(self.consecutive_failures - 1, 30),
+        )
+        return ceiling * random.uniform(0.5, 1.0)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.consecutive_failures += 1
+                self.last_error = error_text(exc)
+                pause = self._backoff()
+                if self.consecutive_failures == 1:
+                    log.warning(
+                        "outbox %s: cannot publish (%s); events stay pending, retrying in %.2fs",
+                        self.name,
+                        self.last_error,
+                        pause,
+                        exc_info=not isinstance(exc, PublishError),
+                    )
+                else:
+                    log.info(
+                        "outbox %s: still failing (%d in a row: %s); next try in %.2fs",
+                        self.name,
+                        self.consecutive_failures,
+                        self.last_error,
+                        pause,
+                    )
+                await asyncio.sleep(pause)
+                continue
+            if self.consecutive_failures:
+                log.info(
+                    "outbox %s: publishing again after %d failure(s)",
+                    self.name,
+                    self.consecutive_failures,
+                )
+            self.consecutive_failures = 0
+            self.last_error = None
+            retention = self.settings.events_outbox_retention
+            if retention and loop.time() - self._last_purge > 3600:
+                self._last_purge = loop.time()
+                try:
+                    await self.purge_sent(retention)
+                except Exception:
+                    log.exception("outbox %s: purge of sent rows failed", self.name)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.events_outbox_poll_interval):
+                    await self._wake.wait()
+
+
+__all__ = [
+    "OUTBOX_PENDING",
+    "OutboxRelay",
+    "event_outbox",
+    "outbox_metadata",
+    "pending_count",
+    "processed_events",
+    "record",
+    "record_event",
+]

@@ -1,0 +1,564 @@
+"""The RabbitMQ event bus (aio-pika 10, robust connection, publisher confirms).
+
+* One robust connection, named after the service; it reconnects by itself and restores
+  the declared exchanges, queues, bindings and consumers. While it is down, ``publish``
+  raises :class:`PublishError` at once (the outbox keeps the events).
+* ``start()`` keeps retrying the first connection in the background when the broker is
+  not up yet; it waits ``AMQP_CONNECT_TIMEOUT`` for it, then returns anyway.
+* Publishing channel: ``publisher_confirms=True``, ``on_return_raises=True``; every
+  publish is ``mandatory`` and persistent, with ``message_id`` = event id, ``type``,
+  ``timestamp``, ``app_id`` = source and ``content_type = application/json``.
+* Consuming channel: ``basic.qos(prefetch_count=AMQP_PREFETCH)``, manual acks. A
+  delivery is acked after its handler returned (after the handler's DB commit), or
+  after its copy reached the retry queue or the DLQ (confirmed). If that copy cannot
+  be published the delivery is nacked with requeue, never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustExchange,
+    DeliveryMode,
+)
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
+from aio_pika.exceptions import PublishError as ReturnedError
+from yarl import URL
+
+from .bus import (
+    DeadLetter,
+    EventBus,
+    Handler,
+    PublishError,
+    attempt_of,
+    dead_letter_from,
+    run_delivery,
+)
+from .envelope import Event
+from .inprocess import replay_headers
+from .metrics import CONFIRMED, DEAD_LETTERED, PUBLISH_FAILED, PUBLISHED, RETRIED
+from .settings import EventSettings
+from .topology import (
+    H_ATTEMPT,
+    H_DEATH_REASON,
+    H_ERROR,
+    H_ORIGINAL_QUEUE,
+    STANDARD_QUEUES,
+    QueueSpec,
+    check_pattern,
+    delay_ms,
+)
+
+log = logging.getLogger("aiagg.events")
+
+#: channel errors that no reconnection can fix: wrong arguments, permissions
+_FATAL = (
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ChannelAccessRefused,
+)
+#: headers RabbitMQ adds when it dead-letters; not carried over to our copies
+_BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+
+
+def _clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in (headers or {}).items()
+        if not any(k == p or (p.endswith("-") and k.startswith(p)) for p in _BROKER_HEADERS)
+    }
+
+
+@dataclass
+class _Subscription:
+    queue: str
+    bindings: tuple[str, ...]
+    handler: Handler
+    consumer_tag: str | None = None
+    amqp_queue: AbstractQueue | None = None
+
+
+class RabbitBus(EventBus):
+    """The production bus. ``url`` defaults to ``settings.amqp_url``."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        settings: EventSettings | None = None,
+        *,
+        queues: Iterable[QueueSpec] = STANDARD_QUEUES,
+        connection_name: str = "aiagg",
+        grace: float = 10.0,
+    ) -> None:
+        super().__init__(settings, queues=queues)
+        self.url = url or self.settings.amqp_url
+        if not self.url:
+            raise ValueError("RabbitBus needs an AMQP URL (AMQP_URL)")
+        self.connection_name = connection_name
+        self._grace = grace
+        self._connection: AbstractRobustConnection | None = None
+        self._pub: AbstractRobustChannel | None = None
+        self._con: AbstractRobustChannel | None = None
+        self._exchange: AbstractRobustExchange | None = None
+        self._subs: dict[str, _Subscription] = {}
+        self._declared: set[str] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._ready = asyncio.Event()
+        self._connect_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._setup_lock = asyncio.Lock()
+        self._closing = False
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return (
+            self._ready.is_set()
+            and self._connection is not None
+            and self._connection.connected.is_set()
+            and self._pub is not None
+            and not self._pub.is_closed
+        )
+
+    def display_url(self) -> str:
+        """The broker URL with the password masked, for logs and messages."""
+        url = URL(self.url)
+        return str(url.with_password("***")) if url.password else str(url)
+
+    async def start(self) -> None:
+        """Connect and declare the topology; see the module doc for a broker that is down."""
+        if self._ready.is_set():
+            return  # idempotent: a shared bus is started by each app that uses it
+        if self._connect_task is None or self._connect_task.done():
+            self._closing = False
+            self._connect_task = asyncio.create_task(
+                self._connect_loop(), name=f"amqp-connect:{self.connection_name}"
+            )
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            await asyncio.wait(
+                {ready, self._connect_task},
+                timeout=self.settings.amqp_connect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            ready.cancel()
+        if self._connect_task.done() and not self._ready.is_set():
+            self._connect_task.result()  # raises the fatal error
+        if not self._ready.is_set():
+            log.warning(
+                "RabbitMQ at %s is not reachable yet; still trying in the background. "
+                "Publishes fail (the outbox keeps events) until it is.",
+                self.display_url(),
+            )
+
+    async def wait_connected(self) -> None:
+        """Wait until the first connection and the topology are up (wrap in a timeout)."""
+        await self._ready.wait()
+
+    async def _connect_loop(self) -> None:
+        delay = self.settings.amqp_reconnect_interval or 0.1
+        attempt = 0
+        while not self._closing:
+            connection: AbstractRobustConnection | None = None
+            try:
+                connection = await aio_pika.connect_robust(
+                    self.url,
+                    reconnect_interval=self.settings.amqp_reconnect_interval,
+                    client_properties={"connection_name": self.connection_name},
+                    timeout=max(1.0, min(10.0, self.settings.amqp_connect_timeout)),
+                )
+                async with asyncio.timeout(max(10.0, self.settings.amqp_connect_timeout)):
+                    await self._setup(connection)
+            except BaseException as exc:
+                if connection is not None:
+                    self._ready.clear()
+                    with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                        async with asyncio.timeout(5):
+                            await connection.close()
+                if isinstance(exc, _FATAL) or not isinstance(
+                    exc, (*CONNECTION_EXCEPTIONS, TimeoutError)
+                ):
+                    # wrong queue arguments, no permission, a bug: no retry can fix it
+                    log.error("RabbitMQ set-up failed: %r", exc)
+                    raise
+                attempt += 1
+                pause = min(30.0, delay * 2 ** min(attempt - 1, 5)) * random.uniform(0.5, 1.0)
+                (log.warning if attempt == 1 else log.info)(
+                    "cannot connect to RabbitMQ at %s (%s); retrying in %.1fs",
+                    self.display_url(),
+                    exc,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                continue
+            log.info("connected to RabbitMQ at %s", self.display_url())
+            return
+
+    async def _setup(self, connection: AbstractRobustConnection) -> None:
+        async with self._setup_lock:
+            self._declared.clear()
+            self._pub = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._con = await connection.channel(publisher_confirms=False)
+            await self._con.set_qos(prefetch_count=self.settings.amqp_prefetch)
+            self._exchange = await self._pub.declare_exchange(
+                self.topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            for spec in self.queues:
+                await self._declare_queue(spec.name, spec.bindings)
+            for sub in list(self._subs.values()):
+                await self._attach(sub)
+            self._connection = connection
+            self._ready.set()
+            connection.reconnect_callbacks.add(self._on_reconnect)
+
+    def _on_reconnect(self, *_: Any) -> None:
+        """aio-pika restored what it knew; attach what was subscribed while disconnected."""
+        if any(sub.consumer_tag is None for sub in self._subs.values()):
+            task = asyncio.create_task(self._attach_pending(), name="amqp-attach-pending")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _attach_pending(self) -> None:
+        async with self._setup_lock:
+            for sub in list(self._subs.values()):
+                if sub.consumer_tag is None and self.connected:
+                    try:
+                        async with asyncio.timeout(self.settings.events_publish_timeout):
+                            await self._attach(sub)
+                    except (TimeoutError, *CONNECTION_EXCEPTIONS):
+                        log.warning("could not attach the consumer of %s yet", sub.queue)
+
+    async def _declare_queue(self, queue: str, bindings: Sequence[str]) -> AbstractQueue:
+        """Declare queue, its retry queues and DLQ, and bind it (idempotent, robust)."""
+        assert self._con is not None and self._exchange is not None
+        topo = self.topology
+        main = await self._con.declare_queue(topo.queue(queue), durable=True)
+        for pattern in bindings:
+            await main.bind(self._exchange, routing_key=pattern)
+        if queue not in self._declared:
+            for delay in self.settings.retry_delays_in_use():
+                await self._con.declare_queue(
+                    topo.retry_queue(queue, delay),
+                    durable=True,
+                    arguments={
+                        "x-message-ttl": delay_ms(delay),
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": topo.queue(queue),
+                    },
+                )
+            await self._con.declare_queue(topo.dlq(queue), durable=True)
+            self._declared.add(queue)
+        return main
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connect_task
+        for task in list(self._background):
+            task.cancel()
+        connected = self.connected
+        for sub in self._subs.values():
+            if connected and sub.amqp_queue is not None and sub.consumer_tag is not None:
+                # stop deliveries first; aio-pika waits for a reconnection without end,
+                # hence the outer timeout
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                    async with asyncio.timeout(2):
+                        await sub.amqp_queue.cancel(sub.consumer_tag)
+            sub.consumer_tag = None
+            sub.amqp_queue = None
+        if self._inflight:
+            _done, pending = await asyncio.wait(set(self._inflight), timeout=self._grace)
+            for task in pending:  # not acked: the broker redelivers it
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        if self._connection is not None:
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._connection.close()
+        self._connection = self._pub = self._con = self._exchange = None
+        self._declared.clear()
+        self._ready.clear()
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        message = aio_pika.Message(
+            body=event.to_json(),
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=event.id,
+            type=event.type,
+            timestamp=event.occurred_at,
+            app_id=event.source,
+            headers={},
+        )
+        await self._send(self.topology.exchange, event.type, message, label=event.type)
+
+    async def publish_raw(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        message = aio_pika.Message(
+            body=bytes(body),
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            timestamp=datetime.now(UTC),
+            headers=dict(headers or {}),
+        )
+        await self._send(self.topology.exchange, routing_key, message, label=routing_key)
+
+    async def _send(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.Message,
+        *,
+        label: str,
+        count: bool = True,
+    ) -> None:
+        """Publish to ``exchange`` ("" = the default exchange), mandatory, confirmed.
+
+        ``count=False`` for moves of existing messages (retry, DLQ, replay): the
+        publish metrics count events, those moves have their own counters.
+        """
+
+        def failed(reason: str) -> None:
+            if count:
+                PUBLISH_FAILED.labels(type=label, reason=reason).inc()
+
+        if count:
+            PUBLISHED.labels(type=label).inc()
+        if not self.connected:
+            failed("connection")
+            raise PublishError(f"not connected to RabbitMQ at {self.display_url()}")
+        assert self._pub is not None and self._exchange is not None
+        target = self._exchange if exchange == self.topology.exchange else None
+        try:
+            async with asyncio.timeout(self.settings.events_publish_timeout):
+                if target is None:
+                    target = self._pub.default_exchange
+                await target.publish(message, routing_key=routing_key, mandatory=True)
+        except ReturnedError as exc:
+            failed("unroutable")
+            raise PublishError(
+                f"unroutable: no queue is bound for routing key {routing_key!r} "
+                f"on exchange {exchange or '(default)'!r}"
+            ) from exc
+        except DeliveryError as exc:
+            failed("nack")
+            raise PublishError(f"the broker refused (nack) the message to {routing_key!r}") from exc
+        except TimeoutError as exc:
+            failed("timeout")
+            raise PublishError(
+                f"no confirm from RabbitMQ within {self.settings.events_publish_timeout}s"
+            ) from exc
+        except CONNECTION_EXCEPTIONS as exc:
+            failed("connection")
+            raise PublishError(f"RabbitMQ connection trouble: {exc!r}") from exc
+        if count:
+            CONFIRMED.labels(type=label).inc()
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    async def subscribe(self, queue: str, bindings: Sequence[str], handler: Handler) -> None:
+        """Consume ``queue``; before the connection is up the subscription waits for it."""
+        for pattern in bindings:
+            check_pattern(pattern)
+        if queue in self._subs:
+            raise ValueError(f"queue {queue!r} already has a consumer in this bus")
+        sub = _Subscription(queue, tuple(bindings), handler)
+        self._subs[queue] = sub
+        async with self._setup_lock:
+            # under the lock: the first setup, a reconnection or this call attaches it
+            if self.connected:
+                try:
+                    async with asyncio.timeout(self.settings.events_publish_timeout):
+                        await self._attach(sub)
+                except BaseException:
+                    del self._subs[queue]
+                    raise
+
+    async def _attach(self, sub: _Subscription) -> None:
+        assert self._con is not None
+        amqp_queue = await self._declare_queue(sub.queue, sub.bindings)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._inflight.add(task)
+            try:
+                await self._on_message(sub, message)
+            finally:
+                if task is not None:
+                    self._inflight.discard(task)
+
+        sub.consumer_tag = await amqp_queue.consume(on_message, no_ack=False)
+        sub.amqp_queue = amqp_queue
+
+    async def _on_message(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
+        attempt = attempt_of(message.headers)
+        outcome = await run_delivery(self.settings, sub.queue, message.body, attempt, sub.handler)
+        try:
+            if outcome.action == "retry":
+                headers = _clean_headers(message.headers)
+                headers[H_ATTEMPT] = attempt + 1
+                await self._send(
+                    "",
+                    self.topology.retry_queue(sub.queue, outcome.delay),
+                    self._copy(message, headers),
+                    label=message.type or "unknown",
+                    count=False,
+                )
+                RETRIED.labels(queue=sub.queue).inc()
+            elif outcome.action == "dead":
+                headers = _clean_headers(message.headers)
+                headers.update(
+                    {
+                        H_ATTEMPT: attempt,
+                        H_DEATH_REASON: outcome.reason,
+                        H_ERROR: outcome.error,
+                        H_ORIGINAL_QUEUE: sub.queue,
+                    }
+                )
+                await self._send(
+                    "",
+                    self.topology.dlq(sub.queue),
+                    self._copy(message, headers),
+                    label=message.type or "unknown",
+                    count=False,
+                )
+                DEAD_LETTERED.labels(queue=sub.queue, reason=outcome.reason).inc()
+        except PublishError as exc:
+            log.error(
+                "could not move a failed delivery of %s out of the way (%s); requeued",
+                sub.queue,
+                exc,
+            )
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                await asyncio.sleep(min(1.0, outcome.delay or 1.0))  # do not spin on it
+                await message.nack(requeue=True)
+            return
+        with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+            # a lost ack means a redelivery, which the idempotent consumer absorbs
+            await message.ack()
+
+    @staticmethod
+    def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+        return aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            type=message.type,
+            timestamp=message.timestamp,
+            app_id=message.app_id,
+        )
+
+    # -- inspection and repair ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _scratch_channel(self):
+        """A plain (non-robust) channel for passive declares and gets; a 404 closes only it."""
+        if not self.connected or self._connection is None:
+            raise PublishError(f"not connected to RabbitMQ at {self.display_url()}")
+        channel = aio_pika.Channel(self._connection, publisher_confirms=False)
+        try:
+            async with asyncio.timeout(self.settings.events_publish_timeout):
+                await channel.initialize()
+        except TimeoutError as exc:
+            raise PublishError("RabbitMQ did not open a channel in time") from exc
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                    await channel.close()
+
+    async def _count(self, physical: str) -> int | None:
+        try:
+            async with self._scratch_channel() as channel:
+                queue = await channel.declare_queue(physical, passive=True)
+                return queue.declaration_result.message_count
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        except PublishError:
+            return None
+
+    async def queue_depth(self, queue: str) -> int | None:
+        return await self._count(self.topology.queue(queue))
+
+    async def dlq_depth(self, queue: str) -> int | None:
+        return await self._count(self.topology.dlq(queue))
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Peek: gets up to ``limit`` messages unacked, then closing the channel requeues them."""
+        out: list[DeadLetter] = []
+        async with self._scratch_channel() as channel:
+            dlq = await channel.declare_queue(self.topology.dlq(queue), passive=True)
+            for _ in range(limit):
+                message = await dlq.get(no_ack=False, fail=False, timeout=5)
+                if message is None:
+                    break
+                out.append(
+                    dead_letter_from(queue, message.body, message.headers, message.message_id)
+                )
+        return out
+
+    async def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
+        """Move what is in ``<queue>.dlq`` now (at most ``limit``) back into ``queue``.
+
+        Each message is published to the queue (confirmed) before it is acked in the DLQ,
+        so a crash in between duplicates it rather than losing it.
+        """
+        moved = 0
+        async with self._scratch_channel() as channel:
+            dlq = await channel.declare_queue(self.topology.dlq(queue), passive=True)
+            count = dlq.declaration_result.message_count
+            if limit is not None:
+                count = min(count, limit)
+            for _ in range(count):
+                message = await dlq.get(no_ack=False, fail=False, timeout=5)
+                if message is None:
+                    break
+                try:
+                    await self._send(
+                        "",
+                        self.topology.queue(queue),
+                        self._copy(message, replay_headers(_clean_headers(message.headers))),
+                        label=message.type or "unknown",
+                        count=False,
+                    )
+                except PublishError:
+                    await message.nack(requeue=True)
+                    raise
+                await message.ack()
+                moved += 1
+        if moved:
+            log.info("replayed %d dead letter(s) into %s", moved, self.topology.queue(queue))
+        return moved
+
+
+__all__ = ["RabbitBus"]

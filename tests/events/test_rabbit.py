@@ -1,0 +1,210 @@
+"""What only the RabbitMQ bus has: the AMQP message, the broker topology, reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aio_pika
+import aiormq
+import pytest
+from aio_pika.abc import DeliveryMode
+
+from services.common.events import (
+    USAGE_RECORDED,
+    Event,
+    PublishError,
+    QueueSpec,
+    RabbitBus,
+)
+
+from .conftest import BusKit, TcpProxy, eventually, test_settings, via_proxy
+
+
+async def _get(url: str, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        message = await q.get(no_ack=True, fail=False)
+        return message
+    finally:
+        await connection.close()
+
+
+async def test_published_message_carries_the_contract_properties(rabbit_kit: BusKit) -> None:
+    bus = await rabbit_kit.make([QueueSpec("raw", ("usage.recorded",))])
+    event = Event.new(USAGE_RECORDED, "proxy", {"tokens": 12, "cost": "0.000120"})
+    await bus.publish(event)
+    message = await _get(rabbit_kit.settings.amqp_url, bus.topology.queue("raw"))
+    assert message is not None
+    assert message.message_id == event.id
+    assert message.type == USAGE_RECORDED
+    assert message.app_id == "proxy"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == DeliveryMode.PERSISTENT
+    assert message.timestamp is not None
+    assert abs(message.timestamp.timestamp() - event.occurred_at.timestamp()) < 1.5
+    assert message.routing_key == USAGE_RECORDED
+    assert Event.from_json(message.body) == event
+
+
+async def test_topology_names_and_retry_queues(rabbit_kit: BusKit) -> None:
+    """Standard names under the namespace; one TTL retry queue per delay; a DLQ."""
+    bus = await rabbit_kit.make()
+    await bus.subscribe("billing.usage", ["usage.recorded"], _noop)
+    rabbit_kit.track("billing.usage")
+    ns = rabbit_kit.settings.events_namespace
+    assert bus.topology.exchange == f"{ns}.aiagg.events"
+    connection = await aio_pika.connect(rabbit_kit.settings.amqp_url)
+    try:
+        for name in (
+            f"{ns}.billing.usage",
+            f"{ns}.billing.usage.dlq",
+            f"{ns}.billing.usage.retry.200",
+            f"{ns}.billing.usage.retry.400",
+        ):
+            channel = await connection.channel()
+            await channel.declare_queue(name, passive=True)  # raises if missing
+            await channel.close()
+        # declaring again with the same arguments is accepted (idempotent start)
+        channel = await connection.channel()
+        await channel.declare_queue(
+            f"{ns}.billing.usage.retry.200",
+            durable=True,
+            arguments={
+                "x-message-ttl": 200,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": f"{ns}.billing.usage",
+            },
+        )
+        await channel.close()
+    finally:
+        await connection.close()
+    second = await rabbit_kit.make()  # a second process declaring the same topology
+    assert second.connected
+
+
+async def _noop(event: Event) -> None:
+    return None
+
+
+async def test_dead_letter_headers_on_the_wire(rabbit_kit: BusKit) -> None:
+    bus = await rabbit_kit.make()
+    rabbit_kit.track("wire")
+
+    async def failing(event: Event) -> None:
+        raise KeyError("user-42")
+
+    await bus.subscribe("wire", ["usage.recorded"], failing)
+    event = Event.new(USAGE_RECORDED, "proxy", {"user_id": "user-42"})
+    await bus.publish(event)
+    await eventually(lambda: _count(bus.dlq_depth("wire"), 1), within=5, what="dead letter")
+    message = await _get(rabbit_kit.settings.amqp_url, bus.topology.dlq("wire"))
+    assert message is not None
+    assert message.headers["x-death-reason"] == "max-attempts"
+    assert message.headers["x-error"] == "KeyError: 'user-42'"
+    assert message.headers["x-attempt"] == 3
+    assert message.message_id == event.id
+    assert message.body == event.to_json()
+    assert "x-death" not in message.headers  # the broker's own history is not carried over
+
+
+async def _count(awaitable, expected: int) -> bool:
+    return await awaitable == expected
+
+
+async def test_publish_fails_fast_while_the_broker_is_away_and_recovers(
+    rabbit_kit: BusKit, amqp_proxy: TcpProxy
+) -> None:
+    settings = test_settings(
+        rabbit_kit.settings.events_namespace,
+        amqp_url=via_proxy(rabbit_kit.settings.amqp_url, amqp_proxy),
+    )
+    bus = await rabbit_kit.make(settings=settings)
+    rabbit_kit.track("resilient")
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event)
+
+    await bus.subscribe("resilient", ["usage.recorded"], handler)
+    await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 1}))
+    await eventually(lambda: len(got) == 1, what="first delivery")
+
+    await amqp_proxy.stop()
+    await eventually(lambda: not bus.connected, what="the bus to notice")
+    began = time.monotonic()
+    with pytest.raises(PublishError, match="not connected"):
+        await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 2}))
+    assert time.monotonic() - began < 1.0  # fails at once, no hanging
+
+    # a consumer subscribed during the outage is attached once the broker is back
+    rabbit_kit.track("late-joiner")
+    late: list[Event] = []
+
+    async def late_handler(event: Event) -> None:
+        late.append(event)
+
+    began = time.monotonic()
+    await bus.subscribe("late-joiner", ["usage.recorded"], late_handler)
+    assert time.monotonic() - began < 1.0  # does not wait for the broker
+
+    await amqp_proxy.start()
+    await eventually(lambda: bus.connected, within=10, what="reconnection")
+    await eventually(lambda: _count(bus.queue_depth("late-joiner"), 0), what="late queue")
+    await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 3}))
+    await eventually(lambda: len(got) == 2, within=10, what="delivery after reconnection")
+    assert got[1].data == {"n": 3}  # the consumer was restored too
+    await eventually(lambda: len(late) == 1, within=10, what="the late joiner's delivery")
+
+
+async def test_start_while_the_broker_is_down_connects_later(
+    rabbit_kit: BusKit, amqp_proxy: TcpProxy
+) -> None:
+    await amqp_proxy.stop()
+    settings = test_settings(
+        rabbit_kit.settings.events_namespace,
+        amqp_url=via_proxy(rabbit_kit.settings.amqp_url, amqp_proxy),
+        amqp_connect_timeout="300ms",
+    )
+    bus = RabbitBus(settings=settings, queues=(QueueSpec("late", ("usage.recorded",)),))
+    rabbit_kit.buses.append(bus)
+    rabbit_kit.track("late")
+    await bus.start()  # returns after AMQP_CONNECT_TIMEOUT, still trying
+    assert not bus.connected
+    with pytest.raises(PublishError):
+        await bus.publish(Event.new(USAGE_RECORDED, "proxy", {}))
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event)
+
+    await bus.subscribe("late", ["usage.recorded"], handler)  # waits for the connection
+    await amqp_proxy.start()
+    await asyncio.wait_for(bus.wait_connected(), 10)
+    await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"late": True}))
+    await eventually(lambda: len(got) == 1, what="delivery once connected")
+
+
+async def test_bad_url_is_refused() -> None:
+    with pytest.raises(ValueError, match="AMQP"):
+        RabbitBus(settings=test_settings(amqp_url=None))
+
+
+async def test_a_conflicting_topology_fails_start_instead_of_retrying(rabbit_kit: BusKit) -> None:
+    """Wrong arguments cannot be fixed by reconnecting: start() raises at once."""
+    ns = rabbit_kit.settings.events_namespace
+    connection = await aio_pika.connect(rabbit_kit.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.declare_exchange(f"{ns}.aiagg.events", aio_pika.ExchangeType.DIRECT)
+    finally:
+        await connection.close()
+    bus = RabbitBus(settings=rabbit_kit.settings, queues=())
+    rabbit_kit.buses.append(bus)
+    began = time.monotonic()
+    with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+        await bus.start()
+    assert time.monotonic() - began < 3
+    assert not bus.connected
