@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -232,6 +234,34 @@ async def _health(request: web.Request) -> web.Response:
 # -- lifecycle --------------------------------------------------------------------------
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus text: the event backbone's counters, outbox backlog, queue depths.
+
+    Not under any gateway route: only reachable where the service listens (loopback
+    by default, the compose network in compose), which is where Prometheus scrapes.
+    """
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE})
+
+
+@dataclass(frozen=True)
+class _QueueDepths:
+    """Keeps the queue and dead-letter depth gauges fresh for the queues a service consumes."""
+
+    queues: Sequence[str]
+    every: float = 15.0
+
+    async def __call__(self, app: web.Application) -> None:
+        while True:
+            try:
+                await events.refresh_queue_depths(app[BUS], self.queues)
+            except Exception as exc:  # the broker may be away; the gauges just age
+                log.debug("queue depth refresh failed: %r", exc)
+            await asyncio.sleep(self.every)
+
+    def __str__(self) -> str:
+        return "queue-depths"
+
+
 def _make_bus(settings: ServiceSettings) -> events.EventBus:
     """RabbitMQ when ``AMQP_URL`` is set; otherwise an in-process bus, announced loudly."""
     event_settings = events.EventSettings()
@@ -341,8 +371,12 @@ def create_service_app(
     app[DB] = db
     app[BUS] = event_bus
     app[MasterKey] = settings.master_key_value() or ""
-    app[RELAY] = events.OutboxRelay(db, event_bus)
+    app[RELAY] = events.OutboxRelay(db, event_bus, name=settings.service_name)
     app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    queues = sorted({sub.queue for sub in consumers})
+    if queues:
+        tasks = [*tasks, _QueueDepths(queues)]
     app.router.add_routes(routes)
     app.cleanup_ctx.append(
         _lifecycle(

@@ -748,12 +748,15 @@ def test_prometheus_scrapes_what_exists() -> None:
     entry = " ".join(compose_services()["prometheus"]["entrypoint"])
     assert "> /etc/prometheus/secrets/gateway-admin-token" in entry
     assert config["rule_files"] == ["alerts.yml"]
-    # nothing scrapes the services until they serve /metrics (services/common/app.py)
-    app_source = (ROOT / "services" / "common" / "app.py").read_text()
-    service_targets = [t for job in jobs.values() for sc in job.get("static_configs", [])
-                       for t in sc["targets"] if t.split(":")[0] in SERVICES]
-    if '"/metrics"' not in app_source:
-        assert not service_targets, "the services serve no /metrics yet"
+    # every service is scraped on its own port (services/common/app.py serves /metrics)
+    service_targets = sorted(
+        t
+        for job in jobs.values()
+        for sc in job.get("static_configs", [])
+        for t in sc["targets"]
+        if t.split(":")[0] in SERVICES
+    )
+    assert service_targets == sorted(f"{name}:{ARCH_PORTS[name]}" for name in SERVICES)
 
 
 # -- (d) a real Prometheus scrapes a live gateway ---------------------------------------

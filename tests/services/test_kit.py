@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError
 
 from services.auth.settings import AuthSettings
 from services.billing.settings import BillingSettings
-from services.common.app import BUS, create_service_app, json_response
+from services.common.app import BUS, Subscription, create_service_app, json_response
 from services.common.db import Database
 from services.common.errors import Conflict
 from services.common.events import InProcessBus
@@ -285,3 +285,27 @@ async def test_given_bus_and_database_outlive_the_app_own_ones_do_not(tmp_path, 
     assert own[BUS].connected
     await runner.cleanup()
     assert not own[BUS].connected
+
+
+async def test_metrics_endpoint_shows_outbox_and_queue_depths(aiohttp_client, tmp_path):
+    bus = InProcessBus()
+
+    async def never(event, session):
+        raise AssertionError("not called")
+
+    app = create_service_app(
+        DemoSettings(MASTER_KEY=MASTER_KEY, AIAGG_DATA_DIR=tmp_path),
+        routes=demo_routes,
+        consumers=[Subscription("billing.usage", ("usage.recorded",), never)],
+        database=Database(f"sqlite:///{tmp_path}/demo.db"),
+        bus=bus,
+        register=False,
+    )
+    client = await aiohttp_client(app)
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    assert 'aiagg_events_outbox_backlog{outbox="demo"}' in text
+    assert 'aiagg_events_queue_depth{queue="billing.usage"}' in text
+    assert 'aiagg_events_dlq_depth{queue="billing.usage"}' in text
