@@ -115,6 +115,37 @@ class InProcessBus(EventBus):
                 self._consume(queue), name=f"inprocess-consumer:{queue.name}"
             )
 
+    def _idle(self) -> bool:
+        """No consumed queue holds ready, delayed or in-flight deliveries."""
+        return all(
+            not (q.ready or q.delayed or q.inflight)
+            for q in self._queues.values()
+            if q.handler is not None
+        )
+
+    async def drain(self, within: float, quiet: float = 0.3) -> bool:
+        """Wait (at most ``within`` s) until every consumed queue is empty and has stayed
+        so for ``quiet`` s, so that events handlers publish in turn get delivered too.
+
+        Nothing held here survives the process: the local launcher drains before it
+        closes the services. Returns False if deliveries were still pending.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        quiet_since: float | None = None
+        while loop.time() < deadline:
+            if self._idle():
+                quiet_since = quiet_since if quiet_since is not None else loop.time()
+                if loop.time() - quiet_since >= quiet:
+                    return True
+            else:
+                quiet_since = None
+            await asyncio.sleep(0.05)
+        queues = self._queues.values()
+        pending = sum(len(q.ready) + len(q.delayed) + len(q.inflight) for q in queues)
+        log.warning("in-process bus: %d deliveries still pending after %.0fs", pending, within)
+        return False
+
     async def close(self) -> None:
         self._started = False
         for queue in self._queues.values():
