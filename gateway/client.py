@@ -10,7 +10,7 @@ breaker and ejection thresholds, and resolves through Consul when
 from __future__ import annotations
 
 from .balancer import EjectionConfig
-from .config import GatewayConfig, breaker_config, ejection_config, load_config
+from .config import GatewayConfig, breaker_config, ejection_config, load_config, service_policy
 from .discovery import Resolver, discovery_from_config
 from .forwarder import CallPolicy, ServiceClient, Upstreams, new_connection_pool
 from .settings import GatewaySettings
@@ -23,7 +23,11 @@ async def open_service_client(
     resolver: Resolver | None = None,
     policy: CallPolicy | None = None,
 ) -> ServiceClient:
-    """A ready client; ``await client.close()`` when done."""
+    """A ready client; ``await client.close()`` when done.
+
+    Each peer's calls get that service's timeouts and retries from routes.yaml
+    (service over defaults) unless ``policy`` is given, which then applies to all.
+    """
     if config is None:
         config = load_config(routes_file or GatewaySettings().routes_file)
     if resolver is None:
@@ -36,4 +40,13 @@ async def open_service_client(
         {name: breaker_config(config, name) for name in config.services},
         {name: EjectionConfig(*ejection_config(config, name)) for name in config.services},
     )
-    return ServiceClient(upstreams, policy)
+    per_service = {}
+    for name in config.services:
+        p = service_policy(config, name)
+        per_service[name] = CallPolicy(
+            connect_timeout=p.connect_timeout,
+            per_try_timeout=p.per_try_timeout,
+            total_timeout=p.total_timeout,
+            retry=p.retry,
+        )
+    return ServiceClient(upstreams, policy, per_service=per_service)

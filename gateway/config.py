@@ -359,8 +359,17 @@ def _layered(layers: list[BaseModel | None], name: str) -> Any:
 
 
 def resolve_policy(cfg: GatewayConfig, route: RouteConfig) -> RoutePolicy:
-    service = cfg.services[route.service]
-    layers: list[_PolicyLayer] = [cfg.defaults, service, route]
+    """A route's policy: route over its service over the defaults."""
+    auth = route.auth if route.auth is not None else cfg.defaults.auth
+    return _resolve([cfg.defaults, cfg.services[route.service], route], auth)
+
+
+def service_policy(cfg: GatewayConfig, service: str) -> RoutePolicy:
+    """A service-to-service call's policy: the service over the defaults (no route)."""
+    return _resolve([cfg.defaults, cfg.services[service]], None)
+
+
+def _resolve(layers: list[_PolicyLayer], auth: str | None) -> RoutePolicy:
     timeouts = [layer.timeout for layer in layers]
     retries = [layer.retry for layer in layers]
     limits = [layer.limits for layer in layers]
@@ -378,7 +387,6 @@ def resolve_policy(cfg: GatewayConfig, route: RouteConfig) -> RoutePolicy:
         on=frozenset(on) if on is not None else default_retry.on,
         methods=frozenset(methods) if methods is not None else IDEMPOTENT_METHODS,
     )
-    auth = route.auth if route.auth is not None else cfg.defaults.auth
     return RoutePolicy(
         connect_timeout=_layered(timeouts, "connect") or DEFAULT_CONNECT,
         per_try_timeout=min(per_try, total),

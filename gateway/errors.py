@@ -67,10 +67,18 @@ class HeadersTooLarge(GatewayError):
 
 
 class BadGateway(GatewayError):
-    """The upstream could not be reached, or answered with something unusable."""
+    """The upstream could not be reached, or answered with something unusable.
+
+    ``never_sent`` tells a caller that the request certainly did not reach the
+    upstream (every attempt failed to connect), so trying elsewhere is safe.
+    """
 
     status = 502
     type = "bad_gateway"
+
+    def __init__(self, message: str, *, never_sent: bool = False) -> None:
+        super().__init__(message)
+        self.never_sent = never_sent
 
 
 class ServiceUnavailable(GatewayError):

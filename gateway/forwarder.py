@@ -72,11 +72,16 @@ def classify(exc: BaseException) -> Outcome | None:
     return None
 
 
-def _final_error(service: str, outcome: Outcome, exc: BaseException) -> GatewayError:
+def _final_error(
+    service: str, outcome: Outcome, exc: BaseException, *, sent_before: bool
+) -> GatewayError:
     if outcome.kind == "timeout":
         return GatewayTimeout(f"service {service!r} did not answer in time")
     if outcome.kind == "connect-error":
-        return BadGateway(f"could not connect to service {service!r}: {_reason(exc)}")
+        return BadGateway(
+            f"could not connect to service {service!r}: {_reason(exc)}",
+            never_sent=not sent_before,
+        )
     return BadGateway(f"service {service!r} dropped the connection: {_reason(exc)}")
 
 
@@ -203,6 +208,8 @@ class Upstreams:
         clock = self.clock
         attempt: Attempt = policy.retry.start(method, clock.monotonic(), policy.total_timeout)
         tried: list[str] = []
+        sent = False  # did any attempt possibly reach the upstream?
+        refused: set[str] = set()
         while True:
             if attempt.delay > 0:
                 await asyncio.sleep(attempt.delay)
@@ -221,7 +228,14 @@ class Upstreams:
                     str(exc), retry_after=exc.retry_after, kind="circuit_open"
                 ) from None
             urls = [i.url for i in instances]
-            url = balancer.pick(urls, exclude=tried) or balancer.pick(urls) or urls[0]
+            # another instance when there is one; once all were tried, any but those
+            # that refused the connection in this request
+            url = (
+                balancer.pick(urls, exclude=tried)
+                or balancer.pick(urls, exclude=refused)
+                or balancer.pick(urls)
+                or urls[0]
+            )
             tried.append(url)
             budget = attempt.budget(now, policy.per_try_timeout)
             try:
@@ -245,6 +259,9 @@ class Upstreams:
                 if outcome is None:
                     permit.release()
                     raise
+                sent = sent or not outcome.never_sent
+                if outcome.never_sent:
+                    refused.add(url)
                 permit.failure()
                 balancer.report(url, False)
                 self._failed(service, outcome.kind)
@@ -255,7 +272,7 @@ class Upstreams:
                     else None
                 )
                 if nxt is None:
-                    raise _final_error(service, outcome, exc) from exc
+                    raise _final_error(service, outcome, exc, sent_before=sent) from exc
                 log.info(
                     "retrying %s %s on %s after %s", method, service, outcome.kind, _reason(exc)
                 )
@@ -278,6 +295,7 @@ class Upstreams:
             nxt = attempt.next(outcome, clock.monotonic(), self._rand)
             if nxt is None:
                 return Exchange(response, url, attempt.number, attempt.deadline)
+            sent = True
             response.release()
             self._retried(service, str(status))
             attempt = nxt
@@ -299,9 +317,20 @@ def new_connection_pool() -> ConnectionPool:
 class ServiceClient:
     """Service-to-service HTTP with the gateway's discovery, breakers, retries and timeouts."""
 
-    def __init__(self, upstreams: Upstreams, policy: CallPolicy | None = None) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        policy: CallPolicy | None = None,
+        *,
+        per_service: Mapping[str, CallPolicy] | None = None,
+    ) -> None:
         self.upstreams = upstreams
         self.policy = policy or CallPolicy()
+        # an explicit policy wins over the per-service ones from routes.yaml
+        self._per_service = {} if policy is not None else dict(per_service or {})
+
+    def policy_for(self, service: str) -> CallPolicy:
+        return self._per_service.get(service, self.policy)
 
     async def request(
         self,
@@ -320,7 +349,7 @@ class ServiceClient:
             body = json.dumps(json_body, default=str).encode()
             send_headers.setdefault("Content-Type", "application/json")
         async with self.upstreams.open(
-            service, method, path, send_headers, body, policy or self.policy
+            service, method, path, send_headers, body, policy or self.policy_for(service)
         ) as ex:
             return ex.response.status, ex.response.headers, await ex.response.read()
 
@@ -340,7 +369,12 @@ class ServiceClient:
     ):
         """An async context manager yielding the :class:`Exchange`, body unread."""
         return self.upstreams.open(
-            service, method, path, _caller_headers(headers), body, policy or self.policy
+            service,
+            method,
+            path,
+            _caller_headers(headers),
+            body,
+            policy or self.policy_for(service),
         )
 
 

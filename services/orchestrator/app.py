@@ -39,7 +39,6 @@ from gateway.breaker import Permit
 from gateway.client import open_service_client
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.forwarder import CallPolicy, ServiceClient
-from gateway.http1 import ConnectError
 from gateway.retry import RetryPolicy
 from services.common.app import DB, REQUEST_ID, create_service_app, json_response
 from services.common.db import Database
@@ -384,7 +383,7 @@ class ChatFlow:
 
     def _unreachable(self, exc: GatewayError) -> bool:
         """The proxy itself could not be reached (never sent): no provider is to blame."""
-        return isinstance(exc, ServiceUnavailable) or isinstance(exc.__cause__, ConnectError)
+        return isinstance(exc, ServiceUnavailable) or getattr(exc, "never_sent", False)
 
     def _call_failed(self, route: ModelRoute, permit: Permit, started: float,
                      exc: GatewayError) -> OpenAIError | None:
