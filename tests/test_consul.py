@@ -26,6 +26,7 @@ from gateway.consul_resolver import ConsulResolver, build_resolver, instances_fr
 from gateway.discovery import DiscoveryRouter, ServiceDiscovery
 from gateway.registration import ServiceRegistration, registration_ctx
 from tests.consul_double import ConsulDouble
+from tests.support import seconds_until
 
 WAIT = 1.0  # blocking wait in these tests: short, so restarts and resets stay quick
 
@@ -57,16 +58,7 @@ async def make_resolver():
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 3.0) -> float:
     """Poll until ``check()`` is true; returns the seconds it took."""
-    started = time.monotonic()
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > within:
-            raise AssertionError(f"not true within {within}s")
-        await asyncio.sleep(0.02)
+    return await seconds_until(check, within)
 
 
 def service(name: str, sid: str, port: int, *, tags=(), status: str | None = "passing",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 
 import pytest
@@ -21,6 +20,7 @@ from gateway.consul import ConsulClient, ConsulSettings
 from gateway.consul_resolver import ConsulResolver
 from gateway.discovery import ServiceDiscovery
 from gateway.registration import ServiceRegistration, registration_ctx
+from tests.support import seconds_until
 
 pytestmark = [
     pytest.mark.consul_agent,
@@ -79,12 +79,8 @@ def ttl_service(name: str, sid: str, port: int, tags=(), status: str = "passing"
 
 
 async def eventually(check, within: float = 5.0) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > within:
-            raise AssertionError(f"not true within {within}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
+    """Poll until ``check()`` is true; returns the seconds it took."""
+    return await seconds_until(check, within, interval=0.05)
 
 
 async def test_agent_register_health_and_deregister(agent: ConsulClient):

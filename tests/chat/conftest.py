@@ -20,16 +20,10 @@ A missing RabbitMQ or PostgreSQL fails the test when ``CI=true`` and skips it ot
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import json
-import os
 import re
-import shutil
 import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,13 +31,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
-import asyncpg
 import openai
 import pytest
 from aiohttp import web
-from yarl import URL
 
 from gateway.discovery import DiscoveryRouter, StaticResolver
 from gateway.server import Gateway
@@ -54,15 +45,25 @@ from services.auth.app import create_app as create_auth
 from services.auth.settings import AuthSettings
 from services.billing.app import create_app as create_billing
 from services.billing.settings import BillingSettings
-from services.common.events import EventBus, EventSettings, InProcessBus, RabbitBus, Topology
+from services.common.events import EventBus, InProcessBus, RabbitBus
 from services.orchestrator.app import create_app as create_orchestrator
 from services.orchestrator.settings import OrchestratorSettings
 from services.proxy.app import create_app as create_proxy
 from services.proxy.settings import ProxySettings
+from tests import support
+from tests.support import (
+    AMQP_URL,
+    PG_URL,
+    TcpRelay,
+    delete_names,
+    fast_event_settings,
+    fresh_database,
+    namespace_names,
+    require_server,
+    sweep_namespaces,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-AMQP_URL = os.environ.get("AMQP_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
-PG_URL = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NS_PREFIX = "tchat"
 MASTER_KEY = "mk-chat-test-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
@@ -117,52 +118,11 @@ providers:
 """
 
 
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def require_server(url: str, default_port: int, name: str) -> None:
-    u = URL(url)
-    host, port = u.host or "127.0.0.1", u.port or default_port
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError as exc:
-        message = f"{name} is not reachable at {host}:{port} ({exc})"
-        if _ci():
-            pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-        pytest.skip(message)
-
-
 async def eventually(
     predicate: Callable[[], Any], within: float = 30.0, interval: float = 0.05, what: str = ""
 ) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what or predicate}")
-        await asyncio.sleep(interval)
-
-
-def event_settings(**overrides: Any) -> EventSettings:
-    values: dict[str, Any] = {
-        "amqp_url": None,
-        "events_namespace": "",
-        "events_retry_delays": "100ms,200ms",
-        "events_max_attempts": 3,
-        "amqp_reconnect_interval": "200ms",
-        "amqp_connect_timeout": "5s",
-        "events_publish_timeout": "5s",
-        "events_outbox_poll_interval": "100ms",
-        "events_outbox_backoff_initial": "50ms",
-        "events_outbox_backoff_max": "300ms",
-    }
-    values.update(overrides)
-    return EventSettings(**values)
+    """:func:`tests.support.eventually` with the whole-platform tests' longer timeout."""
+    return await support.eventually(predicate, within, interval, what)
 
 
 def micro(text: str) -> int:
@@ -251,60 +211,6 @@ class FakeOpenAI:
         return response
 
 
-# -- a TCP forwarder that can be cut ------------------------------------------------------
-
-
-class TcpCutter:
-    """Forwards TCP to ``target``; :meth:`cut` aborts every connection (a vanished peer)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.sock = bound_socket()
-        self.port = self.sock.getsockname()[1]
-        self._server: asyncio.AbstractServer | None = None
-        self._transports: list[asyncio.WriteTransport] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, sock=self.sock)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._transports += [writer.transport, up_writer.transport]
-        for task in (asyncio.create_task(self._pipe(reader, up_writer)),
-                     asyncio.create_task(self._pipe(up_reader, writer))):
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    def cut(self) -> None:
-        for transport in self._transports:
-            transport.abort()
-        self._transports.clear()
-
-    async def stop(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
 # -- the platform -----------------------------------------------------------------------
 
 
@@ -317,7 +223,7 @@ class Platform:
     fake: FakeOpenAI
     bus_kind: str
     tmp: Path
-    cutter: TcpCutter | None = None
+    cutter: TcpRelay | None = None
     clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
@@ -428,58 +334,11 @@ class Platform:
         return await eventually(charges, what=f"{count} charge(s) for {user_id}")
 
 
-async def _create_pg(name: str) -> str:
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return str(URL(PG_URL).with_path(f"/{name}"))
-
-
-async def _drop_pg(name: str) -> None:
-    conn = await asyncpg.connect(PG_URL)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def _delete_names(names: set[str]) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        for name in sorted(names):
-            for kind in ("queue", "exchange"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    if kind == "queue":
-                        await channel.queue_delete(name)
-                    else:
-                        await channel.exchange_delete(name)
-                with contextlib.suppress(Exception):
-                    await channel.close()
-    finally:
-        await connection.close()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _sweep_test_namespaces() -> Any:
     """At the end of the run, delete any queue or exchange a crashed test left behind."""
     yield
-    ctl = shutil.which("rabbitmqctl")
-    if not ctl:
-        return
-    leftovers: set[str] = set()
-    for what in ("list_queues", "list_exchanges"):
-        with contextlib.suppress(Exception):
-            out = subprocess.run(
-                [ctl, what, "-q", "--no-table-headers", "name"],
-                capture_output=True, text=True, timeout=20, check=False,
-            ).stdout
-            leftovers |= {n.strip() for n in out.splitlines() if n.strip().startswith(NS_PREFIX)}
-    if leftovers:
-        with contextlib.suppress(Exception), concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(lambda: asyncio.run(_delete_names(leftovers))).result()
+    sweep_namespaces(lambda name: name.startswith(NS_PREFIX))
 
 
 @pytest.fixture
@@ -494,7 +353,7 @@ async def start_platform(
         bus: str = "rabbit", *, postgres: bool = False, providers: str = PROVIDERS,
         cut_proxy: bool = False, **orchestrator_settings: Any,
     ) -> Platform:
-        """``cut_proxy``: the orchestrator reaches the proxy through a :class:`TcpCutter`."""
+        """``cut_proxy``: the orchestrator reaches the proxy through a :class:`TcpRelay`."""
         names = ("auth", "billing", "analytics", "proxy", "orchestrator")
         if bus == "rabbit":
             require_server(AMQP_URL, 5672, "RabbitMQ")
@@ -516,7 +375,7 @@ async def start_platform(
         cutter = None
         routed = dict(ports)
         if cut_proxy:
-            cutter = TcpCutter(ports["proxy"])
+            cutter = TcpRelay("127.0.0.1", ports["proxy"])
             await cutter.start()
             cleanups.append(cutter.stop)
             routed["proxy"] = cutter.port
@@ -527,26 +386,24 @@ async def start_platform(
 
         db_urls = {name: f"sqlite:///{tmp_path}/data/{name}.db" for name in names}
         if postgres:
+            databases = contextlib.AsyncExitStack()  # each dropped at the end
+            cleanups.append(databases.aclose)
             for name in ("billing", "proxy", "analytics"):
-                database = f"aiagg_chat_{name}_{uuid.uuid4().hex[:10]}"
-                db_urls[name] = await _create_pg(database)
-                cleanups.append(lambda database=database: _drop_pg(database))
+                db_urls[name] = await databases.enter_async_context(
+                    fresh_database(f"aiagg_chat_{name}_")
+                )
 
         buses: dict[str, EventBus] = {}
         if bus == "rabbit":
             namespace = f"{NS_PREFIX}{uuid.uuid4().hex[:10]}"
-            settings = event_settings(amqp_url=AMQP_URL, events_namespace=namespace)
+            settings = fast_event_settings(amqp_url=AMQP_URL, events_namespace=namespace)
             for name in names:
                 buses[name] = RabbitBus(AMQP_URL, settings, connection_name=f"test-{name}",
                                         grace=0.5)
-            topo = Topology(namespace)
-            queue_names = {topo.exchange}
-            for queue in ("billing.usage", "analytics.events"):
-                queue_names |= {topo.queue(queue), topo.dlq(queue)}
-                queue_names |= {topo.retry_queue(queue, d) for d in settings.retry_delays_in_use()}
-            cleanups.append(lambda: _delete_names(queue_names))
+            queue_names = namespace_names(settings, ("billing.usage", "analytics.events"))
+            cleanups.append(lambda: delete_names(AMQP_URL, queue_names))
         else:
-            shared = InProcessBus(event_settings(), grace=0.5)
+            shared = InProcessBus(fast_event_settings(), grace=0.5)
             buses = dict.fromkeys(names, shared)
         unique_buses = {id(b): b for b in buses.values()}.values()
 

@@ -52,6 +52,7 @@ from gateway.settings import GatewaySettings
 from services.common.events import metrics as event_metrics
 from services.common.events.settings import EventSettings
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
+from tests.support import PG_URL, fail_or_skip
 
 #: every module that defines aiagg_* metrics
 METRIC_MODULES = (gateway_metrics, consul_resolver, event_metrics)
@@ -90,27 +91,14 @@ COMPOSE_ENV = {
     "GATEWAY_ADMIN_TOKEN": "admin-token-compose-test",
 }
 
-PG_URL = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
 # -- helpers --------------------------------------------------------------------------
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def _missing(message: str) -> None:
-    if _ci():
-        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-    pytest.skip(message)
 
 
 def need_tool(name: str) -> str:
     """The tool's path; fails under CI=true (skips otherwise) naming its Debian package."""
     path = shutil.which(name)
     if path is None:
-        _missing(f"{name} is not installed: apt-get install -y {PACKAGES[name]}")
+        fail_or_skip(f"{name} is not installed: apt-get install -y {PACKAGES[name]}")
     return path  # type: ignore[return-value]
 
 
@@ -459,7 +447,7 @@ async def test_init_sql_runs_on_postgres() -> None:
     try:
         conn = await asyncpg.connect(PG_URL, timeout=5)
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        _missing(f"PostgreSQL is not reachable at {PG_URL} ({exc})")
+        fail_or_skip(f"PostgreSQL is not reachable at {PG_URL} ({exc})")
     prefix = f"deploytest_{uuid.uuid4().hex[:8]}_"
     sql = re.sub(r"--[^\n]*", "", PG_INIT.read_text())
     for name in SERVICES:

@@ -21,8 +21,9 @@ from services.common.events import (
     record,
 )
 from services.common.events.consumer import subscribe
+from tests.support import TcpRelay
 
-from .conftest import BusKit, TcpProxy, eventually, test_settings, via_proxy
+from .conftest import BusKit, eventually, test_settings, via_proxy
 
 things_metadata = MetaData()
 things = Table(
@@ -106,7 +107,7 @@ async def test_commit_wakes_the_relay_at_once(sqlite_db: Database, bus_kit: BusK
 
 
 async def test_events_recorded_while_broker_is_down_are_all_delivered_in_order(
-    any_db: Database, rabbit_kit: BusKit, amqp_proxy: TcpProxy
+    any_db: Database, rabbit_kit: BusKit, amqp_proxy: TcpRelay
 ) -> None:
     await any_db.create_all(outbox_metadata)
     settings = test_settings(

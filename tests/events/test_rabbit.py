@@ -17,8 +17,9 @@ from services.common.events import (
     QueueSpec,
     RabbitBus,
 )
+from tests.support import TcpRelay
 
-from .conftest import BusKit, TcpProxy, eventually, test_settings, via_proxy
+from .conftest import BusKit, eventually, test_settings, via_proxy
 
 
 async def _get(url: str, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
@@ -115,7 +116,7 @@ async def _count(awaitable, expected: int) -> bool:
 
 
 async def test_publish_fails_fast_while_the_broker_is_away_and_recovers(
-    rabbit_kit: BusKit, amqp_proxy: TcpProxy
+    rabbit_kit: BusKit, amqp_proxy: TcpRelay
 ) -> None:
     settings = test_settings(
         rabbit_kit.settings.events_namespace,
@@ -160,7 +161,7 @@ async def test_publish_fails_fast_while_the_broker_is_away_and_recovers(
 
 
 async def test_start_while_the_broker_is_down_connects_later(
-    rabbit_kit: BusKit, amqp_proxy: TcpProxy
+    rabbit_kit: BusKit, amqp_proxy: TcpRelay
 ) -> None:
     await amqp_proxy.stop()
     settings = test_settings(

@@ -24,6 +24,7 @@ from services.common.events import (
     in_process_warning,
     refresh_queue_depths,
 )
+from tests.support import require_server
 
 from .conftest import BusKit, eventually, test_settings
 
@@ -189,15 +190,13 @@ def test_metrics_module_can_be_imported_twice() -> None:
 
 
 def test_require_server_fails_in_ci_and_skips_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    from .conftest import require_server
-
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true requires it"):
-        require_server("127.0.0.1", port, "Nothing")
+        require_server(f"tcp://127.0.0.1:{port}", 5672, "Nothing")
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="Nothing is not reachable"):
-        require_server("127.0.0.1", port, "Nothing")
+        require_server(f"tcp://127.0.0.1:{port}", 5672, "Nothing")

@@ -37,7 +37,7 @@ async def test_peer_call_uses_routes_yaml_instances_and_retries(tmp_path, make_u
     )
     try:
         up.script = [status(503)]
-        code, headers, body = await client.request(
+        code, _headers, _body = await client.request(
             "billing", "GET", "/billing/x", headers={"Host": "spoof", "Content-Length": "9"}
         )
         assert code == 200

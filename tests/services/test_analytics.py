@@ -18,8 +18,9 @@ from services.common.events import (
     USAGE_RECORDED,
     Event,
 )
+from tests.support import eventually
 
-from .conftest import ADMIN, as_user, eventually, new_user, rabbit_bus
+from .conftest import ADMIN, as_user, new_user, rabbit_bus
 from .test_kit import assert_error
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

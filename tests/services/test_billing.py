@@ -11,8 +11,9 @@ from sqlalchemy import select
 
 from services.billing import store
 from services.common.events import USAGE_RECORDED, Event, event_outbox
+from tests.support import eventually
 
-from .conftest import ADMIN, as_user, eventually, new_user
+from .conftest import ADMIN, as_user, new_user
 from .test_kit import assert_error
 
 

@@ -17,8 +17,9 @@ from services.common.events import InProcessBus
 from services.common.identity import require_admin, require_user_or_admin
 from services.common.inputs import read_json
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
+from tests.support import fast_event_settings, pg_admin
 
-from .conftest import ADMIN, MASTER_KEY, _pg_admin, as_user, event_settings
+from .conftest import ADMIN, MASTER_KEY, as_user
 
 
 class DemoSettings(ServiceSettings):
@@ -103,7 +104,7 @@ async def test_health_503_when_the_database_is_gone(pg_url, inprocess_bus, aioht
     client = await aiohttp_client(app)
     assert (await client.get("/health")).status == 200
     name = pg_url.rsplit("/", 1)[1]
-    await _pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
     resp = await client.get("/health")
     assert resp.status == 503
     body = await resp.json()
@@ -266,7 +267,7 @@ async def test_in_process_bus_is_announced_when_amqp_url_is_unset(
 async def test_given_bus_and_database_outlive_the_app_own_ones_do_not(tmp_path, monkeypatch):
     monkeypatch.delenv("AMQP_URL", raising=False)
     settings = DemoSettings(database_url=f"sqlite:///{tmp_path}/own.db")
-    bus = InProcessBus(event_settings())
+    bus = InProcessBus(fast_event_settings())
     db = Database(settings.resolved_database_url())
     shared = create_service_app(settings, routes=demo_routes, database=db, bus=bus,
                                 register=False)

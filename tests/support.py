@@ -1,0 +1,252 @@
+"""What every test folder needs to reach the real servers, written once.
+
+* ``AMQP_URL`` / ``PG_URL``: the real RabbitMQ and PostgreSQL (``AMQP_TEST_URL``,
+  ``PG_TEST_URL`` override them).
+* :func:`require_server`: a missing server fails the test when ``CI=true`` and skips
+  it otherwise; never a silent pass (:func:`fail_or_skip` for other missing things).
+* per-test isolation: :func:`fresh_database` (a PostgreSQL database of the test's own)
+  and :func:`delete_names` (a RabbitMQ namespace's queues and exchanges);
+  :func:`sweep_namespaces` deletes what crashed tests left on the broker.
+* :func:`eventually` (:func:`seconds_until` to time it), :func:`fast_event_settings`,
+  :func:`run_in_thread`, and :class:`TcpRelay`, a TCP forwarder a test can cut to make a
+  peer vanish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, NoReturn
+
+import aio_pika
+import asyncpg
+import pytest
+from yarl import URL
+
+from services.common.events import EventSettings, Topology
+
+AMQP_URL = os.environ.get("AMQP_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PG_URL = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def fail_or_skip(message: str) -> NoReturn:
+    """Something a test needs is missing: fail when ``CI=true``, skip otherwise."""
+    if in_ci():
+        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def require_server(url: str, default_port: int, name: str) -> None:
+    """Fail (CI=true) or skip (otherwise) when nothing listens where ``url`` points."""
+    u = URL(url)
+    host, port = u.host or "127.0.0.1", u.port or default_port
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        fail_or_skip(f"{name} is not reachable at {host}:{port} ({exc})")
+
+
+def run_in_thread(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine on its own loop in another thread (from sync or async context)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(coro_fn())).result()
+
+
+async def eventually(
+    predicate: Callable[[], Any], within: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Wait until ``predicate()`` (maybe async) is truthy and return it; fail after ``within``."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)
+
+
+async def seconds_until(
+    predicate: Callable[[], Any], within: float = 10.0, interval: float = 0.02, what: str = ""
+) -> float:
+    """:func:`eventually`, returning how many seconds it took."""
+    started = time.monotonic()
+    await eventually(predicate, within, interval, what)
+    return time.monotonic() - started
+
+
+def fast_event_settings(**overrides: Any) -> EventSettings:
+    """Event settings for tests: short retry delays, quick reconnects and outbox polls."""
+    values: dict[str, Any] = {
+        "amqp_url": None,
+        "events_namespace": "",
+        "events_retry_delays": "100ms,200ms",
+        "events_max_attempts": 3,
+        "amqp_reconnect_interval": "200ms",
+        "amqp_connect_timeout": "5s",
+        "events_publish_timeout": "5s",
+        "events_outbox_poll_interval": "100ms",
+        "events_outbox_backoff_initial": "50ms",
+        "events_outbox_backoff_max": "300ms",
+    }
+    values.update(overrides)
+    return EventSettings(**values)
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+def asyncpg_dsn(url: str) -> str:
+    """``url`` as asyncpg takes it (without SQLAlchemy's ``+asyncpg`` driver suffix)."""
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def pg_admin(sql: str) -> None:
+    """Run ``sql`` on the server's maintenance database (CREATE/DROP DATABASE)."""
+    conn = await asyncpg.connect(asyncpg_dsn(PG_URL))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(prefix: str) -> AsyncIterator[str]:
+    """A PostgreSQL database of the caller's own (its URL), dropped afterwards."""
+    require_server(PG_URL, 5432, "PostgreSQL")
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    await pg_admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield str(URL(PG_URL).with_path(f"/{name}"))
+    finally:
+        await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- RabbitMQ -----------------------------------------------------------------------------
+
+
+async def delete_names(url: str, names: Iterable[str]) -> None:
+    """Delete queues and exchanges by name (missing ones are fine)."""
+    connection = await aio_pika.connect(url)
+    try:
+        for name in sorted(set(names)):
+            for kind in ("queue", "exchange"):
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    if kind == "queue":
+                        await channel.queue_delete(name)
+                    else:
+                        await channel.exchange_delete(name)
+                with contextlib.suppress(Exception):
+                    await channel.close()
+    finally:
+        await connection.close()
+
+
+def namespace_names(settings: EventSettings, queues: Iterable[str]) -> set[str]:
+    """Every exchange and queue name a namespace's topology declares for ``queues``."""
+    topology = Topology(settings.events_namespace)
+    names = {topology.exchange}
+    for queue in queues:
+        names |= {topology.queue(queue), topology.dlq(queue)}
+        names |= {topology.retry_queue(queue, d) for d in settings.retry_delays_in_use()}
+    return names
+
+
+def sweep_namespaces(matches: Callable[[str], bool]) -> None:
+    """Delete every queue and exchange on the broker whose name ``matches``: what a
+    crashed test left behind (for the end of a session). Needs ``rabbitmqctl``; never
+    raises."""
+    ctl = shutil.which("rabbitmqctl")
+    if not ctl:
+        return
+    leftovers: set[str] = set()
+    for what in ("list_queues", "list_exchanges"):
+        with contextlib.suppress(Exception):
+            out = subprocess.run(
+                [ctl, what, "-q", "--no-table-headers", "name"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            ).stdout
+            leftovers |= {n for n in (line.strip() for line in out.splitlines()) if matches(n)}
+    if leftovers:
+        with contextlib.suppress(Exception):
+            run_in_thread(lambda: delete_names(AMQP_URL, leftovers))
+
+
+# -- a TCP forwarder a test can cut ------------------------------------------------------
+
+
+class TcpRelay:
+    """Forwards TCP from a local port to ``target``; :meth:`cut` aborts every connection
+    (the client sees its peer vanish) and :meth:`stop` also stops listening."""
+
+    def __init__(self, target_host: str, target_port: int, *, port: int = 0) -> None:
+        self.target = (target_host, target_port)
+        self.port = port
+        self._server: asyncio.AbstractServer | None = None
+        self._transports: list[asyncio.BaseTransport] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._transports += [writer.transport, up_writer.transport]
+        for task in (
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def cut(self) -> None:
+        for transport in self._transports:
+            transport.abort()
+        self._transports.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
