@@ -123,6 +123,9 @@ async def test_events_recorded_while_broker_is_down_are_all_delivered_in_order(
         async with any_db.transaction() as session:
             first = await record(session, USAGE_RECORDED, {"n": -1}, "proxy")
         await eventually(lambda: len(got) == 1, what="delivery before the outage")
+        # a consumer can see an event before its publisher has marked it sent: wait for
+        # that too, or the cut below would leave it pending (then resent, harmlessly)
+        await eventually(lambda: _pending_is(relay, 0), what="the first event marked sent")
 
         await amqp_proxy.stop()  # the broker vanishes for this process
         await eventually(lambda: not bus.connected, what="the bus to notice")
