@@ -62,6 +62,10 @@ class BreakerConfig:
     reset_after: float = 30.0
     half_open_probes: int = 1
     successes_to_close: int = 1
+    #: which outcomes count as failures, named like a retry's ``on:`` tokens. A service
+    #: whose 503 means "my own dependency is down" can leave 503 out, so its callers'
+    #: breaker does not open on it.
+    count: frozenset[str] = frozenset({"connect-error", "timeout", "reset", "5xx"})
 
     def __post_init__(self) -> None:
         for field in ("failures", "half_open_probes", "successes_to_close"):

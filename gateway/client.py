@@ -9,6 +9,7 @@ breaker and ejection thresholds, and resolves through Consul when
 
 from __future__ import annotations
 
+from . import metrics
 from .balancer import EjectionConfig
 from .config import GatewayConfig, breaker_config, ejection_config, load_config, service_policy
 from .discovery import Resolver, discovery_from_config
@@ -35,7 +36,11 @@ async def open_service_client(
 
         resolver = build_resolver()
     await resolver.configure(discovery_from_config(config.services))
-    upstreams = Upstreams(resolver, new_connection_pool())
+    upstreams = Upstreams(
+        resolver,
+        new_connection_pool(),
+        **metrics.UPSTREAM_HOOKS,
+    )
     upstreams.configure(
         {name: breaker_config(config, name) for name in config.services},
         {name: EjectionConfig(*ejection_config(config, name)) for name in config.services},

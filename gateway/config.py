@@ -122,20 +122,7 @@ class RetrySpec(_Model):
     @field_validator("on", mode="before")
     @classmethod
     def _on(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if not isinstance(v, list):
-            raise ValueError("expected a list such as [connect-error, 502, 503]")
-        tokens = []
-        for item in v:
-            token = str(item).strip().lower()
-            if token not in _RETRY_TOKENS and not (token.isdigit() and 400 <= int(token) <= 599):
-                raise ValueError(
-                    f"unknown retry condition {item!r}: use connect-error, timeout, reset, "
-                    "5xx or a status code 400-599"
-                )
-            tokens.append(token)
-        return tokens
+        return None if v is None else _outcome_tokens(v)
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -148,6 +135,12 @@ class BreakerSpec(_Model):
     reset_after: float | None = None
     half_open_probes: int | None = Field(default=None, ge=1)
     successes_to_close: int | None = Field(default=None, ge=1)
+    count: list[str] | None = None
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        return None if v is None else _outcome_tokens(v)
 
     _durations = field_validator("reset_after", mode="before")(
         lambda v: None if v is None else parse_duration(v)
@@ -170,6 +163,22 @@ class LimitsSpec(_Model):
     _sizes = field_validator("max_body", "max_headers", mode="before")(
         lambda v: None if v is None else parse_size(v)
     )
+
+
+def _outcome_tokens(v: Any) -> list[str]:
+    """``[connect-error, timeout, reset, 5xx, 503, ...]``: what retries and breakers react to."""
+    if not isinstance(v, list):
+        raise ValueError("expected a list such as [connect-error, 502, 503]")
+    tokens = []
+    for item in v:
+        token = str(item).strip().lower()
+        if token not in _RETRY_TOKENS and not (token.isdigit() and 400 <= int(token) <= 599):
+            raise ValueError(
+                f"unknown outcome {item!r}: use connect-error, timeout, reset, "
+                "5xx or a status code 400-599"
+            )
+        tokens.append(token)
+    return tokens
 
 
 def _normalise_methods(v: Any) -> list[str]:
@@ -410,6 +419,7 @@ def breaker_config(cfg: GatewayConfig, service: str) -> BreakerConfig:
         reset_after=_pick(_layered(layers, "reset_after"), base.reset_after),
         half_open_probes=_pick(_layered(layers, "half_open_probes"), base.half_open_probes),
         successes_to_close=_pick(_layered(layers, "successes_to_close"), base.successes_to_close),
+        count=frozenset(_pick(_layered(layers, "count"), base.count)),
     )
 
 

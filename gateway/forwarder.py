@@ -21,7 +21,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .balancer import Balancer, EjectionConfig
-from .breaker import BreakerConfig, BreakerOpenError, CircuitBreaker
+from .breaker import BreakerConfig, BreakerOpenError, CircuitBreaker, Permit
 from .clock import Clock, SystemClock
 from .discovery import Resolver
 from .errors import BadGateway, GatewayError, GatewayTimeout, ServiceUnavailable
@@ -262,9 +262,7 @@ class Upstreams:
                 sent = sent or not outcome.never_sent
                 if outcome.never_sent:
                     refused.add(url)
-                permit.failure()
-                balancer.report(url, False)
-                self._failed(service, outcome.kind)
+                self._verdict(service, breaker, permit, balancer, url, outcome)
                 replayable = not (isinstance(body, StreamedBody) and body.started)
                 nxt = (
                     attempt.next(outcome, clock.monotonic(), self._rand)
@@ -280,18 +278,16 @@ class Upstreams:
                 attempt = nxt
                 continue
             status = response.status
-            if status < 500:
+            if status < 400:
                 permit.success()
                 balancer.report(url, True)
-                return Exchange(response, url, attempt.number, attempt.deadline)
-            permit.failure()
-            balancer.report(url, False)
-            self._failed(service, "5xx")
-            if isinstance(body, StreamedBody) and body.started:
                 return Exchange(response, url, attempt.number, attempt.deadline)
             outcome = Outcome.response(
                 status, parse_retry_after(response.headers.get("Retry-After"))
             )
+            self._verdict(service, breaker, permit, balancer, url, outcome)
+            if status < 500 or (isinstance(body, StreamedBody) and body.started):
+                return Exchange(response, url, attempt.number, attempt.deadline)
             nxt = attempt.next(outcome, clock.monotonic(), self._rand)
             if nxt is None:
                 return Exchange(response, url, attempt.number, attempt.deadline)
@@ -299,6 +295,25 @@ class Upstreams:
             response.release()
             self._retried(service, str(status))
             attempt = nxt
+
+    def _verdict(
+        self,
+        service: str,
+        breaker: CircuitBreaker,
+        permit: Permit,
+        balancer: Balancer,
+        url: str,
+        outcome: Outcome,
+    ) -> None:
+        """Tell the breaker and the balancer how an attempt went. What counts as a failure
+        is the service's ``breaker.count`` (by default connection trouble and any 5xx)."""
+        if outcome.matches(breaker.config.count):
+            permit.failure()
+            balancer.report(url, False)
+            self._failed(service, outcome.token if outcome.status is None else "5xx")
+        else:
+            permit.success()
+            balancer.report(url, True)
 
     def _retried(self, service: str, reason: str) -> None:
         if self._on_retry:

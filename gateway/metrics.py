@@ -60,6 +60,23 @@ def breaker_transition(service: str, old: BreakerState, new: BreakerState) -> No
     BREAKER_TRANSITIONS.labels(service, old.value, new.value).inc()
 
 
+def count_retry(service: str, reason: str) -> None:
+    RETRIES.labels(service, reason).inc()
+
+
+def count_failure(service: str, kind: str) -> None:
+    UPSTREAM_FAILURES.labels(service, kind).inc()
+
+
+#: ``Upstreams(..., **UPSTREAM_HOOKS)``: the same counters for the gateway's upstreams
+#: and for a service's calls to its peers.
+UPSTREAM_HOOKS = {
+    "on_breaker_transition": breaker_transition,
+    "on_retry": count_retry,
+    "on_failure": count_failure,
+}
+
+
 class RequestMetrics:
     """Caches labelled children: ``labels()`` is a dict lookup plus a lock, per call."""
 

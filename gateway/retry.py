@@ -80,6 +80,13 @@ class Outcome:
         """The name of this outcome in ``RetryPolicy.on`` ("503", "timeout", ...)."""
         return str(self.status) if self.kind == STATUS else self.kind
 
+    def matches(self, tokens: frozenset[str]) -> bool:
+        """Whether a set of tokens (``on:`` of a retry, ``count:`` of a breaker) names this
+        outcome, by its own token or its status class (``5xx``)."""
+        if self.token in tokens:
+            return True
+        return self.status is not None and f"{self.status // 100}xx" in tokens
+
 
 def _normalize_tokens(on: Iterable[str | int]) -> frozenset[str]:
     tokens = set()
@@ -123,10 +130,7 @@ class RetryPolicy:
 
     def is_retryable(self, method: str, outcome: Outcome) -> bool:
         """Whether this kind of outcome may be retried for this method (ignores counts)."""
-        on = self.on
-        if outcome.token not in on and not (
-            outcome.status is not None and f"{outcome.status // 100}xx" in on
-        ):
+        if not outcome.matches(self.on):
             return False
         return outcome.never_sent or method.upper() in self.methods
 

@@ -161,9 +161,7 @@ class Gateway:
             self._resolver or default_resolver(),
             pool,
             clock=self.clock,
-            on_breaker_transition=metrics.breaker_transition,
-            on_retry=lambda svc, why: metrics.RETRIES.labels(svc, why).inc(),
-            on_failure=lambda svc, kind: metrics.UPSTREAM_FAILURES.labels(svc, kind).inc(),
+            **metrics.UPSTREAM_HOOKS,
         )
         await self._apply(cfg)
         metrics.LAST_RELOAD_OK.set(1)

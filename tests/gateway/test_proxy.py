@@ -206,6 +206,31 @@ async def test_4xx_does_not_open_the_breaker(start_gateway, make_upstream):
         assert (await r.json())["breakers"][0]["state"] == "closed"
 
 
+async def test_breaker_counts_only_the_outcomes_it_is_told_to(start_gateway, make_upstream):
+    """An upstream whose 503 means "my own dependency is down" can be told apart."""
+    up = await make_upstream()
+    g = await start_gateway(
+        one_route(
+            up.url,
+            extra_service="    breaker: {failures: 2, reset_after: 30s, "
+            "count: [connect-error, 500]}",
+        ).replace("attempts: 3", "attempts: 1")
+    )
+    up.default = status(503)
+    for _ in range(4):
+        async with g.session.get(f"{g.url}/echo/x") as r:
+            assert r.status == 503 and "Retry-After" not in r.headers  # the upstream's own
+    async with g.session.get(f"{g.admin}/breakers") as r:
+        assert (await r.json())["breakers"][0]["state"] == "closed"
+    up.default = status(500)
+    for _ in range(2):
+        async with g.session.get(f"{g.url}/echo/x") as r:
+            assert r.status == 500
+    async with g.session.get(f"{g.url}/echo/x") as r:
+        assert r.status == 503 and (await r.json())["error"]["type"] == "circuit_open"
+    assert up.hits == 6
+
+
 async def test_per_try_timeout_gives_504_at_the_configured_time(start_gateway, make_upstream):
     up = await make_upstream()
     g = await start_gateway(

@@ -95,6 +95,7 @@ def test_route_over_service_over_defaults_field_by_field():
     assert p.max_body == 2048
     b = breaker_config(c, "s")
     assert (b.failures, b.reset_after) == (2, 40.0)
+    assert b.count == frozenset({"connect-error", "timeout", "reset", "5xx"})
 
 
 def test_per_try_never_exceeds_total():
