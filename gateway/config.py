@@ -281,11 +281,14 @@ class RewriteSpec(_Model):
 
 
 class RouteConfig(_PolicyLayer):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     match: MatchSpec
     service: str
     rewrite: RewriteSpec | None = None
     auth: str | None = None
+    #: thresholds of a breaker of this route's own (``service:route`` in the admin API);
+    #: without it the route shares its service's breaker
+    breaker: BreakerSpec | None = None
 
     @model_validator(mode="after")
     def _rewrite_needs_prefix(self) -> RouteConfig:
@@ -411,8 +414,27 @@ def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def breaker_config(cfg: GatewayConfig, service: str) -> BreakerConfig:
+def breaker_key(route: RouteConfig) -> str:
+    """The breaker a route uses: its own when it sets ``breaker:``, else its service's."""
+    return f"{route.service}:{route.name}" if route.breaker is not None else route.service
+
+
+def breaker_configs(cfg: GatewayConfig) -> dict[str, BreakerConfig]:
+    """Every breaker the file asks for: one per service, one per route with ``breaker:``."""
+    out = {name: breaker_config(cfg, name) for name in cfg.services}
+    for route in cfg.routes:
+        if route.breaker is not None:
+            out[breaker_key(route)] = breaker_config(cfg, route.service, route)
+    return out
+
+
+def breaker_config(
+    cfg: GatewayConfig, service: str, route: RouteConfig | None = None
+) -> BreakerConfig:
+    """route over service over defaults, field by field."""
     layers = [cfg.defaults.breaker, cfg.services[service].breaker]
+    if route is not None:
+        layers.append(route.breaker)
     base = BreakerConfig()
     return BreakerConfig(
         failures=_pick(_layered(layers, "failures"), base.failures),
@@ -447,6 +469,7 @@ def _reference_problems(config: BaseModel) -> list[tuple[tuple, str]]:
     for i, route in enumerate(config.routes):
         try:
             resolve_policy(config, route)
+            breaker_config(config, route.service, route)
         except ValueError as exc:
             problems.append((("routes", i), str(exc)))
     return problems

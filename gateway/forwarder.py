@@ -39,6 +39,8 @@ class CallPolicy:
     per_try_timeout: float = 15.0
     total_timeout: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: the breaker to use when it is not the service's own (a route's ``service:route``)
+    breaker: str | None = None
 
 
 class StreamedBody:
@@ -199,7 +201,7 @@ class Upstreams:
         body: Body,
         policy: CallPolicy,
     ) -> Exchange:
-        breaker = self._breakers.get(service)
+        breaker = self._breakers.get(policy.breaker or service)
         balancer = self._balancers.get(service)
         if breaker is None or balancer is None:
             raise ServiceUnavailable(

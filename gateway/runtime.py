@@ -13,7 +13,14 @@ from typing import Any
 from .auth import ForwardAuth
 from .balancer import EjectionConfig
 from .clock import Clock
-from .config import GatewayConfig, RoutePolicy, breaker_config, ejection_config, resolve_policy
+from .config import (
+    GatewayConfig,
+    RoutePolicy,
+    breaker_configs,
+    breaker_key,
+    ejection_config,
+    resolve_policy,
+)
 from .forwarder import CallPolicy, Upstreams
 from .routing import RouteTable, Rule
 
@@ -64,6 +71,7 @@ class Runtime:
                         "on": sorted(p.retry.on),
                         "methods": sorted(p.retry.methods),
                     },
+                    "breaker": compiled.call.breaker or compiled.service,
                     "limits": {"max_body": p.max_body, "max_headers": p.max_headers},
                 }
             )
@@ -101,6 +109,7 @@ def compile_runtime(
                 per_try_timeout=policy.per_try_timeout,
                 total_timeout=policy.total_timeout,
                 retry=policy.retry,
+                breaker=breaker_key(route_cfg) if route_cfg.breaker is not None else None,
             ),
             auth=auth[policy.auth] if policy.auth else None,
         )
@@ -120,7 +129,7 @@ def compile_runtime(
         )
     table = RouteTable(rules)
     upstreams.configure(
-        {name: breaker_config(cfg, name) for name in cfg.services},
+        breaker_configs(cfg),
         {name: EjectionConfig(*ejection_config(cfg, name)) for name in cfg.services},
     )
     identity = frozenset(

@@ -231,6 +231,44 @@ async def test_breaker_counts_only_the_outcomes_it_is_told_to(start_gateway, mak
     assert up.hits == 6
 
 
+async def test_a_route_with_its_own_breaker_does_not_cut_off_its_service(
+    start_gateway, make_upstream
+):
+    up = await make_upstream()
+    g = await start_gateway(
+        one_route(
+            up.url,
+            extra_route="""
+  - name: fragile
+    match: {prefix: /fragile/}
+    service: echo
+    breaker: {failures: 2, reset_after: 30s}
+""",
+        ).replace("attempts: 3", "attempts: 1")
+    )
+
+    async def by_path(request: web.Request) -> web.StreamResponse:
+        code = 500 if request.path.startswith("/fragile/") else 200
+        return web.json_response({}, status=code)
+
+    up.default = by_path
+    for _ in range(2):
+        async with g.session.get(f"{g.url}/fragile/x") as r:
+            assert r.status == 500
+    async with g.session.get(f"{g.url}/fragile/x") as r:
+        assert r.status == 503 and (await r.json())["error"]["type"] == "circuit_open"
+    async with g.session.get(f"{g.url}/echo/x") as r:
+        assert r.status == 200  # the service's own breaker saw none of that
+    async with g.session.get(f"{g.admin}/breakers") as r:
+        states = {b["service"]: b["state"] for b in (await r.json())["breakers"]}
+    assert states == {"echo": "closed", "echo:fragile": "open"}
+    async with g.session.get(f"{g.admin}/routes") as r:
+        routes = {x["name"]: x["breaker"] for x in (await r.json())["routes"]}
+    assert routes == {"echo": "echo", "fragile": "echo:fragile"}
+    async with g.session.post(f"{g.admin}/breakers/echo:fragile/close") as r:
+        assert (await r.json())["state"] == "closed"
+
+
 async def test_per_try_timeout_gives_504_at_the_configured_time(start_gateway, make_upstream):
     up = await make_upstream()
     g = await start_gateway(

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.config import (
     breaker_config,
+    breaker_configs,
     load_config,
     parse_config,
     parse_duration,
@@ -96,6 +97,24 @@ def test_route_over_service_over_defaults_field_by_field():
     b = breaker_config(c, "s")
     assert (b.failures, b.reset_after) == (2, 40.0)
     assert b.count == frozenset({"connect-error", "timeout", "reset", "5xx"})
+
+
+def test_route_breaker_layers_over_its_service():
+    c = cfg(
+        """
+        defaults:
+          breaker: {failures: 7, reset_after: 40s}
+        services:
+          s: {instances: ["http://127.0.0.1:1"], breaker: {failures: 2}}
+        routes:
+          - {name: plain, match: {prefix: /a/}, service: s}
+          - {name: own, match: {prefix: /b/}, service: s, breaker: {reset_after: 5s}}
+        """
+    )
+    configs = breaker_configs(c)
+    assert set(configs) == {"s", "s:own"}
+    assert (configs["s"].failures, configs["s"].reset_after) == (2, 40.0)
+    assert (configs["s:own"].failures, configs["s:own"].reset_after) == (2, 5.0)
 
 
 def test_per_try_never_exceeds_total():
