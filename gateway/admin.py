@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from . import metrics
 from .errors import GatewayError, NoRouteError, Unauthorized, error_body
+from .forwarder import Upstreams
+from .runtime import Runtime
 
-if TYPE_CHECKING:
-    from .server import Gateway
+
+class Controlled(Protocol):
+    """What the admin API reads and steers (the running :class:`~gateway.server.Gateway`)."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    upstreams: Upstreams
+
+    def upstream_report(self, service: str | None = None) -> list[dict[str, Any]]: ...
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    def extend_admin(self, app: web.Application) -> None: ...
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -20,7 +36,7 @@ def _json_error(error: GatewayError) -> web.Response:
     return web.json_response(error_body(error, None), status=error.status, headers=error.headers)
 
 
-def build_admin_app(gw: Gateway, token: str | None) -> web.Application:
+def build_admin_app(gw: Controlled, token: str | None) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler):
         if token and request.path not in _OPEN_PATHS:

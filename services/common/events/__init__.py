@@ -3,7 +3,7 @@
 A service author needs only this surface; see docs/events.md.
 """
 
-from .bus import DeadLetter, EventBus, Handler, PublishError
+from .bus import DeadLetter, EventBus, Handler, PublishError, refresh_queue_depths
 from .consumer import Consumer, SessionHandler, run_handler, subscribe
 from .envelope import (
     APIKEY_CREATED,
@@ -18,7 +18,6 @@ from .envelope import (
 )
 from .factory import build_bus
 from .inprocess import InProcessBus
-from .metrics import refresh_queue_depths
 from .outbox import (
     OutboxRelay,
     event_outbox,

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from .envelope import Event, PoisonMessage
-from .metrics import CONSUMED
+from .metrics import CONSUMED, DLQ_DEPTH, QUEUE_DEPTH
 from .settings import EventSettings
 from .topology import (
     H_ATTEMPT,
@@ -232,3 +232,21 @@ __all__ = [
     "error_text",
     "run_delivery",
 ]
+
+
+async def refresh_queue_depths(bus: EventBus, queues: Iterable[str]) -> dict[str, Any]:
+    """Set the depth gauges of each logical queue and its DLQ; returns what it read.
+
+    For RabbitMQ this is a passive queue declare (``message_count``) per queue; a queue
+    that does not exist is left out.
+    """
+    read: dict[str, Any] = {}
+    for queue in queues:
+        depth = await bus.queue_depth(queue)
+        dlq = await bus.dlq_depth(queue)
+        if depth is not None:
+            QUEUE_DEPTH.labels(queue=queue).set(depth)
+        if dlq is not None:
+            DLQ_DEPTH.labels(queue=queue).set(dlq)
+        read[queue] = {"ready": depth, "dlq": dlq}
+    return read

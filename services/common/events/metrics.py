@@ -7,14 +7,11 @@ module twice (``python -m`` runs a module a second time as ``__main__``) never r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
-
-if TYPE_CHECKING:
-    from .bus import EventBus
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -78,24 +75,6 @@ DLQ_DEPTH = _metric(
 )
 
 
-async def refresh_queue_depths(bus: EventBus, queues: Iterable[str]) -> dict[str, Any]:
-    """Set the depth gauges of each logical queue and its DLQ; returns what it read.
-
-    For RabbitMQ this is a passive queue declare (``message_count``) per queue; a queue
-    that does not exist is left out.
-    """
-    read: dict[str, Any] = {}
-    for queue in queues:
-        depth = await bus.queue_depth(queue)
-        dlq = await bus.dlq_depth(queue)
-        if depth is not None:
-            QUEUE_DEPTH.labels(queue=queue).set(depth)
-        if dlq is not None:
-            DLQ_DEPTH.labels(queue=queue).set(dlq)
-        read[queue] = {"ready": depth, "dlq": dlq}
-    return read
-
-
 __all__ = [
     "CONFIRMED",
     "CONSUMED",
@@ -108,5 +87,4 @@ __all__ = [
     "PUBLISH_FAILED",
     "QUEUE_DEPTH",
     "RETRIED",
-    "refresh_queue_depths",
 ]
