@@ -1,13 +1,13 @@
 """Billing's charging rate against the chat path's serving rate, and billing alone.
 
-    .venv/bin/python bench/charging_rate.py [--requests 2000] [--connections 50]
+    .venv/bin/python bench/charging_rate.py [--requests 2000] [--connections 10,50]
                                             [--events 2000] [--latency 20ms] [--db sqlite]
 
 Part 1, **chat load**: the whole platform (as in ``bench/chat_vs_litellm.py``: gateway +
 five services as separate processes, RabbitMQ in a namespace of this run, the proxy's
 upstream being ``bench/openai_mock.py``) serves ``--requests`` non-streamed chat
-completions as fast as it can (wrk, ``--connections``, stopped after that many
-answers). Every second the script samples:
+completions as fast as it can (wrk, stopped after that many answers), once for each
+``--connections`` value. Every second the script samples:
 
 * **served**: rows in the proxy's ``proxy_usage`` (= ``usage.recorded`` events made);
 * **charged**: ``charge`` rows in billing's ledger;
@@ -62,7 +62,8 @@ from harness import _ms, free_port, machine_line, stop, table
 COUNT_LUA = (
     LUA
     + """
-local sent = 0
+-- wrk 4 calls request() once on the first thread's state to check the script
+local sent = -1
 local body = wrk.body
 request = function()
   sent = sent + 1
@@ -370,55 +371,13 @@ async def billing_alone(platform: Platform, count: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--connections", type=int, default=50)
-    ap.add_argument("--max-seconds", type=int, default=90, help="cap on the chat load")
-    ap.add_argument("--events", type=int, default=2000, help="usage events for billing alone")
-    ap.add_argument("--latency", default="20ms")
-    ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    ap.add_argument("--log-level", default="WARNING")
-    args = ap.parse_args()
-
-    mock_port = free_port()
-    mock = spawn(
-        [PY, "bench/openai_mock.py", str(mock_port), "--latency", args.latency], dict(os.environ)
-    )
-    wait_ready(mock, mock_port, "openai_mock")
-    platform = Platform(f"http://127.0.0.1:{mock_port}", db=args.db, log_level=args.log_level)
-    started = time.monotonic()
-    broker = broker_pid()
-    try:
-        platform.start()
-        # warm up (connections, caches), then let its events settle
-        asyncio.run(_warm(platform))
-        platform.drain()
-        b0 = cpu_of([broker]) if broker else 0.0
-        samples, info = asyncio.run(
-            chat_load(platform, args.requests, args.connections, args.max_seconds)
-        )
-        broker_cpu = (cpu_of([broker]) - b0) if broker else None
-        platform.drain()
-        alone = asyncio.run(billing_alone(platform, args.events)) if args.events else None
-        platform.drain()
-    finally:
-        problems = platform.log_problems()
-        platform.stop()
-        stop(mock)
-
+def report_load(connections: int, samples: list[Sample], info: dict, broker_cpu) -> str:
+    """The per-second table and the summary of one chat load."""
     load_s = info["load_seconds"]
     at_end = max((s for s in samples if s.t <= load_s + 1e-6), key=lambda s: s.t)
     final = samples[-1]
     served_rate = at_end.served / load_s
-    charged_in_load = at_end.charged
-    print(f"# billing's charging rate vs the chat path — {machine_line()}")
-    print(
-        f"# platform: gateway + 5 services as processes, RabbitMQ, {args.db}; upstream "
-        f"openai_mock {args.latency}; load: wrk -t1 -c{args.connections}, "
-        f"{args.requests} non-streamed chat completions"
-    )
-    print("\n## per-second samples during and after the load")
+    out = [f"\n## chat load, {connections} connections: per-second samples during and after"]
     rows = []
     prev = Sample(0, 0, 0, 0, True)
     for s in samples:
@@ -437,7 +396,7 @@ def main() -> None:
                 ]
             )
             prev = s
-    print(
+    out.append(
         table(
             [
                 "t (s)",
@@ -452,9 +411,10 @@ def main() -> None:
             rows,
         )
     )
-    print("\n## summary")
-    max_lag = max(s.lag for s in samples)
-    max_q = max((s.queue or 0) for s in samples)
+    n = max(info["wrk_requests"], 1)
+    cpu = ", ".join(
+        f"{k} {v / n * 1e3:.2f}" for k, v in sorted(info["cpu_all"].items(), key=lambda kv: -kv[1])
+    )
     summary = [
         [
             "requests answered (wrk)",
@@ -462,10 +422,10 @@ def main() -> None:
         ],
         ["served req/s", f"{served_rate:,.0f}"],
         ["latency p50 / p99", f"{info['p50']:.0f} ms / {info['p99']:.0f} ms"],
-        ["charged during the load", f"{charged_in_load:,} ({charged_in_load / load_s:,.0f}/s)"],
+        ["charged during the load", f"{at_end.charged:,} ({at_end.charged / load_s:,.0f}/s)"],
         ["charged in all", f"{final.charged:,} of {final.served:,} usage events"],
-        ["max lag (served - charged)", f"{max_lag:,}"],
-        ["max billing.usage ready", f"{max_q:,}"],
+        ["max lag (served - charged)", f"{max(s.lag for s in samples):,}"],
+        ["max billing.usage ready", f"{max((s.queue or 0) for s in samples):,}"],
         ["lag / queue when the load stopped", f"{at_end.lag:,} / {at_end.queue}"],
         [
             "back to 0 after the load",
@@ -473,59 +433,113 @@ def main() -> None:
             if info["drained_at"] is None
             else f"{info['drained_at'] - load_s:.1f} s",
         ],
+        ["CPU ms per request (load + drain; services and gateway)", cpu],
     ]
-    cpu = ", ".join(
-        f"{k} {v / max(info['wrk_requests'], 1) * 1e3:.2f}"
-        for k, v in sorted(info["cpu_all"].items(), key=lambda kv: -kv[1])
-    )
-    summary.append(["CPU ms per request (load + drain)", cpu])
     if broker_cpu is not None:
         summary.append(
-            [
-                "RabbitMQ broker CPU per request",
-                f"{broker_cpu / max(info['wrk_requests'], 1) * 1e3:.2f} ms (shared)",
-            ]
+            ["RabbitMQ broker CPU per request", f"{broker_cpu / n * 1e3:.2f} ms (shared)"]
         )
-    if alone:
-        rate = alone["charged"] / alone["drain_s"] if alone["drain_s"] else 0
-        summary += [
-            [
-                "billing alone: holds made",
-                f"{alone['count']:,} in {alone['holds_s']:.1f} s "
-                f"({alone['count'] / alone['holds_s']:,.0f}/s)",
-            ],
-            [
-                "billing alone: events published",
-                f"{alone['count']:,} in "
-                f"{alone['publish_s']:.1f} s (billing paused; "
-                f"{alone['queued']} ready in the queue)",
-            ],
-            [
-                "billing alone: drain",
-                f"{alone['charged']:,} charged in {alone['drain_s']:.1f} s = {rate:,.0f} charges/s",
-            ],
-            ["billing alone: CPU per charge", f"{alone['cpu_per_charge_ms']:.2f} ms"],
-        ]
-        tl = ", ".join(f"{t:.0f}s:{n}" for t, n in alone["timeline"])
-    print(table(["", ""], summary))
-    if alone:
-        print(f"\nbilling-alone drain timeline (seconds after resume: charged): {tl}")
+    out.append(f"\n## chat load, {connections} connections: summary")
+    out.append(table(["", ""], summary))
     verdict = (
         "the backlog does NOT return to 0 within 60 s"
         if info["drained_at"] is None
-        else f"the backlog returns to 0 {info['drained_at'] - load_s:.1f} s after the load"
+        else f"back to 0 {info['drained_at'] - load_s:.1f} s after the load"
     )
+    info["verdict"] = (
+        f"c={connections}: served {served_rate:,.0f} req/s, charged "
+        f"{at_end.charged / load_s:,.0f}/s during the load, lag {at_end.lag} when it stopped "
+        f"(max {max(s.lag for s in samples)}), {verdict}"
+    )
+    info["served_rate"] = served_rate
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--connections", default="10,50", help="one chat load per value")
+    ap.add_argument("--max-seconds", type=int, default=90, help="cap on each chat load")
+    ap.add_argument("--events", type=int, default=2000, help="usage events for billing alone")
+    ap.add_argument("--latency", default="20ms")
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
+    ap.add_argument("--log-level", default="WARNING")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.connections.split(",")]
+
+    mock_port = free_port()
+    mock = spawn(
+        [PY, "bench/openai_mock.py", str(mock_port), "--latency", args.latency], dict(os.environ)
+    )
+    wait_ready(mock, mock_port, "openai_mock")
+    platform = Platform(f"http://127.0.0.1:{mock_port}", db=args.db, log_level=args.log_level)
+    started = time.monotonic()
+    broker = broker_pid()
+    loads = []
+    try:
+        platform.start()
+        # warm up (connections, caches), then let its events settle
+        asyncio.run(_warm(platform))
+        platform.drain()
+        for c in levels:
+            b0 = cpu_of([broker]) if broker else 0.0
+            samples, info = asyncio.run(chat_load(platform, args.requests, c, args.max_seconds))
+            broker_cpu = (cpu_of([broker]) - b0) if broker else None
+            loads.append((c, samples, info, broker_cpu))
+            platform.drain()
+        alone = asyncio.run(billing_alone(platform, args.events)) if args.events else None
+        platform.drain()
+    finally:
+        problems = platform.log_problems()
+        platform.stop()
+        stop(mock)
+
+    print(f"# billing's charging rate vs the chat path — {machine_line()}")
     print(
-        f"\nverdict: served {served_rate:,.0f} req/s, charged {charged_in_load / load_s:,.0f}/s "
-        f"during the load; {verdict}"
-        + (
-            f"; billing alone drains {rate:,.0f} charges/s = {rate / served_rate:.1f}x the "
-            "chat path's serving rate"
-            if alone
-            else ""
-        )
+        f"# platform: gateway + 5 services as processes, RabbitMQ, {args.db}; upstream "
+        f"openai_mock {args.latency}; load: wrk -t1, {args.requests} non-streamed chat "
+        f"completions per load, at {', '.join(map(str, levels))} connections"
     )
-    unreachable = sum(1 for s in samples if s.queue is None)
+    for c, samples, info, broker_cpu in loads:
+        print(report_load(c, samples, info, broker_cpu))
+    if alone:
+        rate = alone["charged"] / alone["drain_s"] if alone["drain_s"] else 0
+        print("\n## billing alone (analytics paused too)")
+        print(
+            table(
+                ["", ""],
+                [
+                    [
+                        "holds made (internal reservation API, 16 at a time)",
+                        f"{alone['count']:,} in {alone['holds_s']:.1f} s "
+                        f"({alone['count'] / alone['holds_s']:,.0f}/s)",
+                    ],
+                    [
+                        "usage.recorded published while billing was paused",
+                        f"{alone['count']:,} in {alone['publish_s']:.1f} s "
+                        f"({alone['queued']} ready in the queue)",
+                    ],
+                    [
+                        "drained after resume",
+                        f"{alone['charged']:,} charged in {alone['drain_s']:.1f} s "
+                        f"= {rate:,.0f} charges/s",
+                    ],
+                    ["billing CPU per charge", f"{alone['cpu_per_charge_ms']:.2f} ms"],
+                ],
+            )
+        )
+        tl = ", ".join(f"{t:.0f}s:{n}" for t, n in alone["timeline"])
+        print(f"drain timeline (seconds after resume: charged): {tl}")
+    print("\nverdict:")
+    for _c, _samples, info, _ in loads:
+        print("  " + info["verdict"])
+    if alone:
+        best = max(info["served_rate"] for _c, _s, info, _b in loads)
+        print(
+            f"  billing alone drains {rate:,.0f} charges/s = {rate / best:.1f}x the chat "
+            f"path's best serving rate ({best:,.0f} req/s)"
+        )
+    unreachable = sum(1 for _c, samples, _i, _b in loads for s in samples if s.queue is None)
     if unreachable:
         problems.insert(0, f"RabbitMQ did not answer {unreachable} queue-depth sample(s)")
     if problems:
