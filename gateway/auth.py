@@ -8,6 +8,7 @@ most that long. Unreachable auth fails closed (503).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections import OrderedDict
@@ -35,6 +36,7 @@ class ForwardAuth:
         self._upstreams = upstreams
         self._clock = clock
         self._cache: OrderedDict[bytes, tuple[float, tuple[tuple[str, str], ...]]] = OrderedDict()
+        self._asking: dict[bytes, asyncio.Task[tuple[tuple[str, str], ...]]] = {}
         self._policy = CallPolicy(
             connect_timeout=min(1.0, spec.timeout),
             per_try_timeout=spec.timeout,
@@ -59,10 +61,24 @@ class ForwardAuth:
         if hit is not None and hit[0] > now:
             self._count("hit")
             return hit[1]
+        # One question per credential at a time: requests arriving while it is being
+        # asked wait for that answer instead of all asking (no stampede on expiry).
+        pending = self._asking.get(key)
+        if pending is not None:
+            self._count("joined")
+            return await asyncio.shield(pending)
         self._count("miss")
-        identity = await self._ask(credential, request_id)
+        pending = asyncio.get_running_loop().create_task(self._ask(credential, request_id))
+        self._asking[key] = pending
+        try:
+            identity = await asyncio.shield(pending)
+        finally:
+            if pending.done():
+                self._asking.pop(key, None)
+            else:  # this caller was cancelled; the question goes on for the others
+                pending.add_done_callback(lambda _: self._asking.pop(key, None))
         if self.spec.cache_ttl > 0 and self.spec.cache_size > 0:
-            self._cache[key] = (now + self.spec.cache_ttl, identity)
+            self._cache[key] = (self._clock.monotonic() + self.spec.cache_ttl, identity)
             self._cache.move_to_end(key)
             while len(self._cache) > self.spec.cache_size:
                 self._cache.popitem(last=False)

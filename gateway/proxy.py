@@ -96,8 +96,13 @@ class ProxyHandler:
         except GatewayError as exc:
             status = exc.status
             return json_error(exc, request_id)
-        except (ConnectionResetError, asyncio.CancelledError):
-            status = 499  # the client went away
+        except ConnectionResetError:
+            # The client hung up before its answer could start: nothing to send and
+            # nothing wrong with the gateway. Counted as 499 (nginx's "client closed").
+            status = 499
+            return web.Response(status=499)
+        except asyncio.CancelledError:
+            status = 499
             raise
         finally:
             elapsed = time.monotonic() - started

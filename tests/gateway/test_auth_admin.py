@@ -154,9 +154,7 @@ routes:
         assert r.status == 200
     async with g.session.get(f"{g.admin}/metrics") as r:
         text = await r.text()
-    refused = float(
-        text.split('aiagg_gateway_config_reloads_total{result="error"} ')[1].split()[0]
-    )
+    refused = float(text.split('aiagg_gateway_config_reloads_total{result="error"} ')[1].split()[0])
     assert refused == refused_before + 1
     assert "aiagg_gateway_config_last_reload_successful 0.0" in text
 
@@ -265,3 +263,34 @@ async def test_admin_token_is_required_when_set(start_gateway, make_upstream):
         assert r.status == 200
     async with g.session.get(f"{g.admin}/healthz") as r:
         assert r.status == 200
+
+
+async def test_concurrent_requests_with_one_key_ask_auth_once(start_gateway, make_upstream):
+    app, auth = await make_upstream(), await make_upstream()
+    answer = validator({"good": "alice"})
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.2)
+        return await answer(request)
+
+    auth.default = slow
+    g = await start_gateway(with_auth(app.url, auth.url, ttl="0s"))
+    good = [
+        g.session.get(f"{g.url}/private/x", headers={"Authorization": "Bearer good"})
+        for _ in range(20)
+    ]
+    results = await asyncio.gather(*good)
+    assert [r.status for r in results] == [200] * 20
+    for r in results:
+        r.release()
+    assert auth.hits == 1  # one question answered twenty requests
+    refused = await asyncio.gather(
+        *[
+            g.session.get(f"{g.url}/private/x", headers={"Authorization": "Bearer nope"})
+            for _ in range(5)
+        ]
+    )
+    assert [r.status for r in refused] == [401] * 5
+    for r in refused:
+        r.release()
+    assert auth.hits == 2

@@ -424,3 +424,33 @@ async def test_malformed_requests_get_json_errors_and_gateway_keeps_serving(
     async with g.session.get(f"{g.url}/echo/fine") as r:
         assert r.status == 200
     assert up.hits == 1
+
+
+async def test_a_client_hanging_up_before_the_answer_is_quiet(
+    start_gateway, make_upstream, caplog
+):
+    up = await make_upstream()
+
+    async def late_stream(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)  # the client is gone by now
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: x\n\n")
+        return resp
+
+    up.default = late_stream
+    g = await start_gateway(one_route(up.url))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", g.gw.public_port)
+    writer.write(b"GET /echo/stream HTTP/1.1\r\nHost: a\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+    await asyncio.sleep(0.6)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == []
+    async with g.session.get(f"{g.admin}/metrics") as r:
+        text = await r.text()
+    assert 'aiagg_gateway_requests_total{route="echo",service="echo",status="499"}' in text
+    up.default = None
+    async with g.session.get(f"{g.url}/echo/x") as r:
+        assert r.status == 200
