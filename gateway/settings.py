@@ -17,6 +17,7 @@ class GatewaySettings(BaseSettings):
     admin_token: str | None = Field(default=None, description="GATEWAY_ADMIN_TOKEN")
     access_log: bool = True
     uvloop: bool = False
+    gc_tune: bool = True  # freeze start-up objects, collect the young generation less often
     # Parser-level ceilings; the per-route limits in routes.yaml are checked below these.
     max_line_size: int = 16 * 1024
     max_field_size: int = 64 * 1024
