@@ -6,7 +6,7 @@
 #
 # docker-compose.yml builds it once per app service (the layers are shared) and
 # overrides the command of each service. Settings come from the environment
-# (see docs/deploy.md); routes.yaml and providers.yaml are baked in as defaults
+# (see the README, "Deploying with Docker Compose"); routes.yaml and providers.yaml are baked in as defaults
 # and compose mounts the repository's copies over them.
 FROM python:3.11-slim
 

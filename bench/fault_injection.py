@@ -3,7 +3,7 @@
     .venv/bin/python bench/fault_injection.py [--requests 600] [--concurrency 8]
                                               [--window 100] [--max-outage 10] [--keep]
 
-See docs/fault_injection.md for what is checked and the results.
+See the README, "Benchmarks" for what is checked and the results.
 
 Phase 1 (money under faults). Starts a fresh platform: five PostgreSQL databases of
 its own, an ``EVENTS_NAMESPACE`` of its own on the local RabbitMQ, the five services as

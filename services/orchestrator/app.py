@@ -14,7 +14,7 @@ Public (through the gateway, ``auth: api_key``; the gateway sets ``X-User-Id`` a
     chunk (``finish_reason: "error"`` and an ``error`` object, no ``[DONE]``). The
     hold is left for billing's ``usage.recorded`` charge when usage was recorded,
     released when nothing was served, and settled here only when the proxy vanished
-    mid-stream (docs/chat.md). ``route.decided`` is recorded in every case.
+    mid-stream (the README, "Chat completions"). ``route.decided`` is recorded in every case.
 ``GET /v1/models``
     ``{"object": "list", "data": [{"id", "object": "model", "created", "owned_by"}]}``.
 

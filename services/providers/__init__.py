@@ -7,7 +7,7 @@
   up) and the deterministic token estimator used when a provider reports no usage;
 * :mod:`.sse`: a small server-sent-events decoder/encoder for OpenAI-style streams.
 
-See docs/chat.md for the file format.
+See the README, "Chat completions" for the file format.
 """
 
 from .config import (

@@ -12,7 +12,7 @@ request id). Data::
      "input_price": "0.50", "output_price": "1.50",      # USD per 1M tokens
      "estimated": false, "stream": true, "attempt": 1,
      "outcome": "completed",            # | "cut" | "client_disconnected"
-     "charge_rule": "reported",         # | "estimated" | "delivered_tokens" (docs/chat.md)
+     "charge_rule": "reported",         # | "estimated" | "delivered_tokens" (README)
      "error": null}                     # the provider's failure for a cut stream
 
 ``cost`` is exact: ``round_half_up(prompt x input_price + completion x output_price)``

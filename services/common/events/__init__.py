@@ -1,6 +1,6 @@
 """The event backbone: envelope, buses (RabbitMQ and in-process), outbox, idempotent consumers.
 
-A service author needs only this surface; see docs/events.md.
+A service author needs only this surface; see the README, "Events".
 """
 
 from .bus import DeadLetter, EventBus, Handler, PublishError, refresh_queue_depths
