@@ -231,6 +231,9 @@ async def _lock_account(session: AsyncSession, user_id: str) -> Account | None:
 
 async def _ensure_account(session: AsyncSession, user_id: str) -> Account:
     """Create the account if missing (race-free), then lock it."""
+    account = await _lock_account(session, user_id)  # the usual case: it exists
+    if account is not None:
+        return account
     now = utcnow()
     values = {
         "user_id": user_id,

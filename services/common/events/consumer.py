@@ -25,17 +25,22 @@ from .outbox import processed_events
 SessionHandler = Callable[[Event, AsyncSession], Awaitable[None]]
 
 
+#: the inbox INSERT per dialect, built once; the values go as parameters
+_MARK_PROCESSED = {
+    "postgresql": postgresql.insert(processed_events).on_conflict_do_nothing(),
+    "sqlite": sqlite.insert(processed_events).on_conflict_do_nothing(),
+}
+
+
 async def mark_processed(session: AsyncSession, consumer: str, event_id: str) -> bool:
     """Insert the inbox row; False when this consumer has already processed the event."""
     dialect = session.get_bind().dialect.name
-    values = {"consumer": consumer, "event_id": event_id, "processed_at": datetime.now(UTC)}
-    if dialect == "postgresql":
-        stmt = postgresql.insert(processed_events).values(**values).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(processed_events).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - Database only builds these two
+    stmt = _MARK_PROCESSED.get(dialect)
+    if stmt is None:  # pragma: no cover - Database only builds these two
         raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    result = await session.execute(stmt)
+    result = await session.execute(
+        stmt, {"consumer": consumer, "event_id": event_id, "processed_at": datetime.now(UTC)}
+    )
     return bool(result.rowcount)
 
 

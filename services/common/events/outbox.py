@@ -51,6 +51,9 @@ log = logging.getLogger("aiagg.events.outbox")
 #: set in ``session.info`` by :func:`record`; the relay wakes after such a commit
 OUTBOX_PENDING = "aiagg_outbox_pending"
 
+#: seconds between two ``COUNT(*)`` of the pending rows for the backlog gauge
+_BACKLOG_REFRESH = 1.0
+
 outbox_metadata = MetaData()
 
 _Id = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY autoincrements
@@ -84,17 +87,22 @@ async def record(session: AsyncSession, type: str, data: dict[str, Any], source:
     return await record_event(session, Event.new(type, source, data))
 
 
+#: built once; the values go as parameters
+_INSERT_OUTBOX = insert(event_outbox)
+
+
 async def record_event(session: AsyncSession, event: Event) -> Event:
     """Like :func:`record`, for an event built by the caller."""
     await session.execute(
-        insert(event_outbox).values(
-            event_id=event.id,
-            type=event.type,
-            source=event.source,
-            payload=event.to_json().decode("utf-8"),
-            created_at=event.occurred_at,
-            attempts=0,
-        )
+        _INSERT_OUTBOX,
+        {
+            "event_id": event.id,
+            "type": event.type,
+            "source": event.source,
+            "payload": event.to_json().decode("utf-8"),
+            "created_at": event.occurred_at,
+            "attempts": 0,
+        },
     )
     session.info[OUTBOX_PENDING] = True
     return event
@@ -133,6 +141,7 @@ class OutboxRelay:
         self._drain_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
+        self._backlog_counted_at = float("-inf")
         #: failures in a row of the latest drains; 0 when the last one went through
         self.consecutive_failures = 0
         self.last_error: str | None = None
@@ -177,16 +186,34 @@ class OutboxRelay:
         """
         async with self._drain_lock:
             total = 0
+            drained = False
             try:
                 while True:
                     sent, full = await self._drain_batch()
                     total += sent
                     if not full:
                         break
+                drained = True
             finally:
-                with contextlib.suppress(Exception):
-                    OUTBOX_BACKLOG.labels(outbox=self.name).set(await self.pending_count())
+                await self._update_backlog(drained)
             return total
+
+    async def _update_backlog(self, drained: bool) -> None:
+        """Set the backlog gauge without a ``COUNT(*)`` on every drain.
+
+        A drain that read a short batch and published all of it left nothing pending
+        as of its last read, so the gauge is 0 (rows committed since wake the relay
+        again). Otherwise (a failure), or at least every ``_BACKLOG_REFRESH`` seconds,
+        the pending rows are counted.
+        """
+        now = asyncio.get_running_loop().time()
+        gauge = OUTBOX_BACKLOG.labels(outbox=self.name)
+        if drained and now - self._backlog_counted_at < _BACKLOG_REFRESH:
+            gauge.set(0)
+            return
+        with contextlib.suppress(Exception):
+            gauge.set(await self.pending_count())
+            self._backlog_counted_at = now
 
     async def _drain_batch(self) -> tuple[int, bool]:
         batch = self.settings.events_outbox_batch_size
