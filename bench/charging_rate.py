@@ -56,7 +56,7 @@ from chat_vs_litellm import (
     spawn,
     wait_ready,
 )
-from harness import _ms, free_port, machine_line, stop, table
+from harness import free_port, machine_line, parse_wrk, stop, table
 
 #: sends exactly {limit} requests, then leaves every connection idle (in-flight ones finish)
 COUNT_LUA = (
@@ -243,16 +243,13 @@ async def chat_load(
         os.unlink(script)
         await depth.close()
         await counts.close()
-    import re
-
-    served_n = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result = parse_wrk(out)
     info = {
-        "wrk_requests": served_n,
-        "errors": int(non2xx.group(1)) if non2xx else 0,
+        "wrk_requests": result.requests,
+        "errors": result.errors,
         "load_seconds": load_end,
-        "p50": _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1)),
-        "p99": _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1)),
+        "p50": result.p50_ms,
+        "p99": result.p99_ms,
         "drained_at": drained_at,
         "cpu_load": cpu_load,
         "cpu_all": cpu_all,

@@ -50,10 +50,11 @@ from harness import (
     PY,
     ROOT,
     LoadResult,
-    _ms,
     cpu_seconds,
     free_port,
     machine_line,
+    parse_wrk,
+    platform_routes,
     rss_mib,
     stop,
     table,
@@ -232,17 +233,7 @@ def wrk_post(
         ).stdout
     finally:
         os.unlink(script)
-    reqs = int(re.search(r"(\d+) requests in", out).group(1))
-    dur_m = re.search(r"requests in ([\d.]+)(ms|s|m)", out)
-    dur = float(dur_m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[dur_m.group(2)]
-    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
-    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
-    errs = 0
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errs += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errs += sum(int(x) for x in m.groups())
-    return LoadResult(reqs, dur, p50, p99, errs)
+    return parse_wrk(out)
 
 
 async def post_once(url: str, body: bytes, key: str) -> tuple[int, str]:
@@ -389,24 +380,6 @@ async def drop_pg(name: str) -> None:
 # -- the platform -------------------------------------------------------------------------------
 
 
-def bench_routes(ports: dict[str, int]) -> str:
-    """The top-level routes.yaml with this run's ports and static discovery."""
-    text = (ROOT / "routes.yaml").read_text()
-    defaults = {
-        "auth": 3001,
-        "orchestrator": 3002,
-        "proxy": 3003,
-        "billing": 3004,
-        "analytics": 3005,
-    }
-    for name, port in defaults.items():
-        text = text.replace(f"http://127.0.0.1:{port}]", f"http://127.0.0.1:{ports[name]}]")
-    text = text.replace("discovery: consul", "discovery: static")
-    if not all(f":{ports[n]}]" in text for n in defaults):
-        raise RuntimeError("routes.yaml changed shape: cannot point it at the bench ports")
-    return text
-
-
 @dataclass
 class Platform:
     """Gateway + five services as separate processes, on RabbitMQ and SQLite/PostgreSQL."""
@@ -449,7 +422,7 @@ class Platform:
         self.ports = {name: free_port() for name in (*SERVICES, "gateway")}
         self.admin_port = free_port()
         routes = self.work / "routes.yaml"
-        routes.write_text(bench_routes(self.ports))
+        routes.write_text(platform_routes(self.ports))
         providers = self.work / "providers.yaml"
         providers.write_text(PROVIDERS.format(mock_url=self.mock_url))
         for name in SERVICES:

@@ -56,7 +56,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from harness import PY, ROOT, free_port, machine_line, stop, table, wait_port
+from harness import (
+    PY,
+    ROOT,
+    free_port,
+    machine_line,
+    platform_routes,
+    stop,
+    table,
+    wait_port,
+)
 
 sys.path.insert(0, str(ROOT))
 
@@ -387,32 +396,12 @@ class Platform:
                 return resp.status, text
 
 
-def routes_for(ports: dict[str, int]) -> str:
-    """The top-level routes.yaml with this run's ports and static discovery."""
-    text = (ROOT / "routes.yaml").read_text()
-    defaults = {
-        "auth": 3001,
-        "orchestrator": 3002,
-        "proxy": 3003,
-        "billing": 3004,
-        "analytics": 3005,
-    }
-    for name, port in defaults.items():
-        text = text.replace(f"http://127.0.0.1:{port}]", f"http://127.0.0.1:{ports[name]}]")
-    text = text.replace("discovery: consul", "discovery: static")
-    if not all(f":{ports[n]}]" in text for n in defaults):
-        raise SystemExit("routes.yaml changed shape: cannot put this run's ports in it")
-    return text
-
-
-async def start_platform(
-    tmp: Path, procs: Procs
-) -> Platform:
+async def start_platform(tmp: Path, procs: Procs) -> Platform:
     ports = {name: free_port() for name in (*SERVICES, "gateway", "admin")}
     dbs = {name: f"{DB_PREFIX}{RUN}_{name}" for name in SERVICES}
     for database in dbs.values():
         await pg_admin(f'CREATE DATABASE "{database}"')
-    routes_text = routes_for(ports)
+    routes_text = platform_routes(ports)
     routes_file = tmp / "routes.yaml"
     routes_file.write_text(routes_text)
     providers_file = tmp / "providers.yaml"

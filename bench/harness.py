@@ -110,6 +110,11 @@ def wrk(url: str, connections: int = 50, seconds: int = 8, threads: int = 1) -> 
         timeout=seconds + 30,
         check=True,
     ).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> LoadResult:
+    """Requests, duration, p50/p99 and errors from ``wrk --latency`` output."""
     reqs = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))
     dur_m = re.search(r"requests in ([\d.]+)(ms|s|m)", out)
     dur = float(dur_m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[dur_m.group(2)]
@@ -162,6 +167,20 @@ def load(url: str, connections: int = 50, seconds: int = 8) -> tuple[LoadResult,
     if shutil.which("wrk"):
         return wrk(url, connections, seconds), "wrk"
     return py_load(url, connections, seconds), "python (aiohttp) load generator"
+
+
+ARCH_PORTS = {"auth": 3001, "orchestrator": 3002, "proxy": 3003, "billing": 3004, "analytics": 3005}
+
+
+def platform_routes(ports: dict[str, int]) -> str:
+    """The top-level routes.yaml pointed at this run's service ports, static discovery."""
+    text = (ROOT / "routes.yaml").read_text()
+    for name, port in ARCH_PORTS.items():
+        text = text.replace(f"http://127.0.0.1:{port}]", f"http://127.0.0.1:{ports[name]}]")
+    text = text.replace("discovery: consul", "discovery: static")
+    if not all(f":{ports[n]}]" in text for n in ARCH_PORTS):
+        raise RuntimeError("routes.yaml changed shape: cannot point it at this run's ports")
+    return text
 
 
 def machine_line() -> str:
