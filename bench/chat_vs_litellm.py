@@ -46,6 +46,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import (
     PY,
     ROOT,
@@ -59,6 +60,14 @@ from harness import (
     stop,
     table,
     wait_port,
+)
+
+from services.common.events import EventSettings
+from services.common.events.broker import (
+    delete_names,
+    listed_names,
+    namespace_names,
+    queue_depths,
 )
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -258,81 +267,16 @@ def check_answer(name: str, status: int, text: str, stream: bool) -> None:
 # -- RabbitMQ and PostgreSQL clean-up ---------------------------------------------------------
 
 
-async def queue_depths(names: list[str]) -> dict[str, int | None]:
-    import aio_pika
-
-    out: dict[str, int | None] = {}
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        for name in names:
-            channel = await connection.channel()
-            try:
-                q = await channel.declare_queue(name, passive=True)
-                out[name] = q.declaration_result.message_count
-            except Exception:
-                out[name] = None
-            with contextlib.suppress(Exception):
-                await channel.close()
-    finally:
-        await connection.close()
-    return out
-
-
-def namespace_names(namespace: str) -> set[str]:
-    """Every queue and exchange of ``namespace``: the known names, plus what rabbitmqctl lists."""
-    from services.common.events import EventSettings, Topology
-
-    topo = Topology(namespace)
-    names = {topo.exchange}
-    for queue in ("billing.usage", "analytics.events"):
-        names |= {topo.queue(queue), topo.dlq(queue)}
-        names |= {topo.retry_queue(queue, d) for d in EventSettings().retry_delays_in_use()}
-    ctl = shutil.which("rabbitmqctl")
-    if ctl:
-        for what in ("list_queues", "list_exchanges"):
-            with contextlib.suppress(Exception):
-                out = subprocess.run(
-                    [ctl, what, "-q", "--no-table-headers", "name"],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                ).stdout
-                names |= {
-                    n.strip() for n in out.splitlines() if n.strip().startswith(namespace + ".")
-                }
-    return names
-
-
-async def delete_names(names: set[str]) -> int:
-    import aio_pika
-
-    deleted = 0
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        for name in sorted(names):
-            for kind in ("queue", "exchange"):
-                channel = await connection.channel()
-                try:
-                    if kind == "queue":
-                        await channel.queue_delete(name)
-                    else:
-                        await channel.exchange_delete(name)
-                    deleted += 1
-                except Exception:
-                    pass
-                with contextlib.suppress(Exception):
-                    await channel.close()
-    finally:
-        await connection.close()
-    return deleted
-
-
 def delete_namespace(namespace: str) -> int:
     """Delete every queue and exchange named ``<namespace>.*``; retried while the broker
     is away (e.g. restarted by someone else's test)."""
     for attempt in range(5):
         try:
-            return asyncio.run(delete_names(namespace_names(namespace)))
+            names = namespace_names(EventSettings(events_namespace=namespace)) | listed_names(
+                lambda name: name.startswith(namespace + ".")
+            )
+            asyncio.run(delete_names(AMQP_URL, names))
+            return len(names)
         except Exception as exc:
             if attempt == 4:
                 print(
@@ -511,7 +455,7 @@ class Platform:
         last = cpu_of(pids)
         while time.monotonic() - t0 < timeout:
             time.sleep(0.3)
-            depths = asyncio.run(queue_depths(names))
+            depths = asyncio.run(queue_depths(AMQP_URL, names))
             now = cpu_of(pids)
             idle = now - last < 0.03  # < 10% of one core over 0.3 s
             last = now

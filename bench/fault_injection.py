@@ -74,6 +74,12 @@ import aiohttp
 import asyncpg
 
 from services.common.events import EventSettings, Topology
+from services.common.events.broker import (
+    delete_names,
+    listed_names,
+    namespace_names,
+    queue_depths,
+)
 
 AMQP_URL = os.environ.get("FAULT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("FAULT_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -243,67 +249,6 @@ async def pg_fetch(database: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 
 def event_settings() -> EventSettings:
     return EventSettings(amqp_url=AMQP_URL, events_namespace=NAMESPACE)
-
-
-def namespace_names() -> set[str]:
-    topo, settings = Topology(NAMESPACE), event_settings()
-    names = {topo.exchange}
-    for queue in ("billing.usage", "analytics.events"):
-        names |= {topo.queue(queue), topo.dlq(queue)}
-        names |= {topo.retry_queue(queue, d) for d in settings.retry_delays_in_use()}
-    return names
-
-
-async def delete_names(names: set[str]) -> None:
-    """As tests/events/conftest.py: delete queues and exchanges by name."""
-    connection = await aio_pika.connect(AMQP_URL)
-    try:
-        for name in sorted(names):
-            for kind in ("queue", "exchange"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    if kind == "queue":
-                        await channel.queue_delete(name)
-                    else:
-                        await channel.exchange_delete(name)
-                with contextlib.suppress(Exception):
-                    await channel.close()
-    finally:
-        await connection.close()
-
-
-def rabbit_leftovers() -> set[str]:
-    out: set[str] = set()
-    for what in ("list_queues", "list_exchanges"):
-        with contextlib.suppress(Exception):
-            text = subprocess.run(
-                ["rabbitmqctl", what, "-q", "--no-table-headers", "name"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            ).stdout
-            out |= {n.strip() for n in text.splitlines() if n.strip().startswith(NAMESPACE)}
-    return out
-
-
-async def queue_depths(names: list[str]) -> dict[str, int | None]:
-    """Ready messages per queue (passive declare); None when it does not exist."""
-    out: dict[str, int | None] = {}
-    connection = await aio_pika.connect(AMQP_URL, timeout=10)
-    try:
-        for name in names:
-            channel = await connection.channel()
-            try:
-                queue = await channel.declare_queue(name, passive=True)
-                out[name] = queue.declaration_result.message_count
-            except Exception:
-                out[name] = None
-            with contextlib.suppress(Exception):
-                await channel.close()
-    finally:
-        await connection.close()
-    return out
 
 
 async def peek_dlq(name: str, limit: int = 20) -> list[dict[str, Any]]:
@@ -1029,7 +974,7 @@ async def drain(p: Platform, limit: float) -> tuple[bool, float, str]:
     stable = 0
     while time.monotonic() - t < limit:
         pending = await pending_outbox(p)
-        depths = await queue_depths(main + retry)
+        depths = await queue_depths(AMQP_URL, main + retry)
         usage = (await pg_fetch(p.dbs["proxy"], "SELECT count(*) AS n FROM proxy_usage"))[0]["n"]
         charged = (
             await pg_fetch(
@@ -1319,7 +1264,7 @@ async def verify(p: Platform, users: list[User], results: list[Result]) -> list[
 async def dlq_report() -> tuple[list[list[str]], list[list[str]]]:
     topo = Topology(NAMESPACE)
     names = [topo.dlq("billing.usage"), topo.dlq("analytics.events")]
-    depths = await queue_depths(names)
+    depths = await queue_depths(AMQP_URL, names)
     rows, messages = [], []
     for name in names:
         rows.append([name, str(depths[name])])
@@ -1646,8 +1591,10 @@ async def amain(args: argparse.Namespace) -> int:
                 with contextlib.suppress(Exception):
                     await pg_admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             with contextlib.suppress(Exception):
-                names = namespace_names() | await asyncio.to_thread(rabbit_leftovers)
-                await delete_names(names)
+                names = namespace_names(event_settings()) | await asyncio.to_thread(
+                    listed_names, lambda name: name.startswith(NAMESPACE)
+                )
+                await delete_names(AMQP_URL, names)
         timings.append(["clean-up", f"{time.monotonic() - t:.1f}"])
         timings.append(["total", f"{time.monotonic() - T0:.1f}"])
         print()

@@ -18,20 +18,18 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import shutil
 import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
-import aio_pika
 import asyncpg
 import pytest
 from yarl import URL
 
-from services.common.events import EventSettings, Topology
+from services.common.events import EventSettings
+from services.common.events.broker import delete_names, listed_names
 
 AMQP_URL = os.environ.get("AMQP_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("PG_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -139,52 +137,11 @@ async def fresh_database(prefix: str) -> AsyncIterator[str]:
 # -- RabbitMQ -----------------------------------------------------------------------------
 
 
-async def delete_names(url: str, names: Iterable[str]) -> None:
-    """Delete queues and exchanges by name (missing ones are fine)."""
-    connection = await aio_pika.connect(url)
-    try:
-        for name in sorted(set(names)):
-            for kind in ("queue", "exchange"):
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    if kind == "queue":
-                        await channel.queue_delete(name)
-                    else:
-                        await channel.exchange_delete(name)
-                with contextlib.suppress(Exception):
-                    await channel.close()
-    finally:
-        await connection.close()
-
-
-def namespace_names(settings: EventSettings, queues: Iterable[str]) -> set[str]:
-    """Every exchange and queue name a namespace's topology declares for ``queues``."""
-    topology = Topology(settings.events_namespace)
-    names = {topology.exchange}
-    for queue in queues:
-        names |= {topology.queue(queue), topology.dlq(queue)}
-        names |= {topology.retry_queue(queue, d) for d in settings.retry_delays_in_use()}
-    return names
-
-
 def sweep_namespaces(matches: Callable[[str], bool]) -> None:
     """Delete every queue and exchange on the broker whose name ``matches``: what a
     crashed test left behind (for the end of a session). Needs ``rabbitmqctl``; never
     raises."""
-    ctl = shutil.which("rabbitmqctl")
-    if not ctl:
-        return
-    leftovers: set[str] = set()
-    for what in ("list_queues", "list_exchanges"):
-        with contextlib.suppress(Exception):
-            out = subprocess.run(
-                [ctl, what, "-q", "--no-table-headers", "name"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=False,
-            ).stdout
-            leftovers |= {n for n in (line.strip() for line in out.splitlines()) if matches(n)}
+    leftovers = listed_names(matches)
     if leftovers:
         with contextlib.suppress(Exception):
             run_in_thread(lambda: delete_names(AMQP_URL, leftovers))

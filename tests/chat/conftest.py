@@ -46,6 +46,7 @@ from services.auth.settings import AuthSettings
 from services.billing.app import create_app as create_billing
 from services.billing.settings import BillingSettings
 from services.common.events import EventBus, InProcessBus, RabbitBus
+from services.common.events.broker import delete_names, namespace_names
 from services.orchestrator.app import create_app as create_orchestrator
 from services.orchestrator.settings import OrchestratorSettings
 from services.proxy.app import create_app as create_proxy
@@ -55,10 +56,8 @@ from tests.support import (
     AMQP_URL,
     PG_URL,
     TcpRelay,
-    delete_names,
     fast_event_settings,
     fresh_database,
-    namespace_names,
     require_server,
     sweep_namespaces,
 )
@@ -142,8 +141,13 @@ def bound_socket() -> socket.socket:
 def test_routes(ports: dict[str, int]) -> str:
     """The top-level routes.yaml with the test ports and static discovery."""
     text = (ROOT / "routes.yaml").read_text()
-    defaults = {"auth": 3001, "orchestrator": 3002, "proxy": 3003, "billing": 3004,
-                "analytics": 3005}
+    defaults = {
+        "auth": 3001,
+        "orchestrator": 3002,
+        "proxy": 3003,
+        "billing": 3004,
+        "analytics": 3005,
+    }
     for name, port in defaults.items():
         text = text.replace(f"http://127.0.0.1:{port}]", f"http://127.0.0.1:{ports[name]}]")
     text = re.sub(r"discovery: consul", "discovery: static", text)
@@ -174,13 +178,24 @@ class FakeOpenAI:
         if model == "upstream-500":
             return web.json_response({"error": {"message": "upstream exploded"}}, status=500)
         prompt = sum(len(str(m.get("content", ""))) for m in body["messages"])
-        usage = {"prompt_tokens": 1000 + prompt, "completion_tokens": 2 * len(self.words),
-                 "total_tokens": 1000 + prompt + 2 * len(self.words)}
+        usage = {
+            "prompt_tokens": 1000 + prompt,
+            "completion_tokens": 2 * len(self.words),
+            "total_tokens": 1000 + prompt + 2 * len(self.words),
+        }
         if not body.get("stream"):
             answer = {
-                "id": "fake-1", "object": "chat.completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": "".join(self.words)}}],
+                "id": "fake-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "".join(self.words)},
+                    }
+                ],
             }
             if model != "upstream-nousage":
                 answer["usage"] = usage
@@ -189,9 +204,13 @@ class FakeOpenAI:
         await response.prepare(request)
 
         def chunk(delta: dict, finish: str | None = None) -> bytes:
-            data = {"id": "fake-1", "object": "chat.completion.chunk", "created": 1,
-                    "model": model, "choices": [{"index": 0, "delta": delta,
-                                                 "finish_reason": finish}]}
+            data = {
+                "id": "fake-1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             return f"data: {json.dumps(data)}\n\n".encode()
 
         await response.write(chunk({"role": "assistant", "content": ""}))
@@ -204,8 +223,14 @@ class FakeOpenAI:
         await response.write(chunk({}, "stop"))
         include = (body.get("stream_options") or {}).get("include_usage")
         if include and model != "upstream-nousage":
-            data = {"id": "fake-1", "object": "chat.completion.chunk", "created": 1,
-                    "model": model, "choices": [], "usage": usage}
+            data = {
+                "id": "fake-1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
             await response.write(f"data: {json.dumps(data)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response
@@ -241,10 +266,17 @@ class Platform:
         self.clients.append(client)
         return client
 
-    async def call(self, method: str, path: str, *, json_body: Any = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
-        async with self.http.request(method, self.url + path, json=json_body,
-                                     headers=headers or ADMIN) as resp:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        async with self.http.request(
+            method, self.url + path, json=json_body, headers=headers or ADMIN
+        ) as resp:
             text = await resp.text()
             try:
                 return resp.status, json.loads(text)
@@ -255,14 +287,19 @@ class Platform:
         """A user with an API key (created through the gateway with the master key) and,
         unless ``balance`` is None, that much money topped up."""
         user_id = f"user-{uuid.uuid4().hex[:10]}"
-        status, body = await self.call("POST", "/auth/api-keys",
-                                       json_body={"user_id": user_id, "name": "chat test"})
+        status, body = await self.call(
+            "POST", "/auth/api-keys", json_body={"user_id": user_id, "name": "chat test"}
+        )
         assert status == 201, body
         if balance is not None:
             status, top = await self.call(
-                "POST", "/billing/top-up",
-                json_body={"user_id": user_id, "amount": balance,
-                           "idempotency_key": f"topup-{uuid.uuid4().hex}"},
+                "POST",
+                "/billing/top-up",
+                json_body={
+                    "user_id": user_id,
+                    "amount": balance,
+                    "idempotency_key": f"topup-{uuid.uuid4().hex}",
+                },
             )
             assert status == 201, top
         return user_id, body["key"]
@@ -350,8 +387,12 @@ async def start_platform(
     monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
 
     async def start(
-        bus: str = "rabbit", *, postgres: bool = False, providers: str = PROVIDERS,
-        cut_proxy: bool = False, **orchestrator_settings: Any,
+        bus: str = "rabbit",
+        *,
+        postgres: bool = False,
+        providers: str = PROVIDERS,
+        cut_proxy: bool = False,
+        **orchestrator_settings: Any,
     ) -> Platform:
         """``cut_proxy``: the orchestrator reaches the proxy through a :class:`TcpRelay`."""
         names = ("auth", "billing", "analytics", "proxy", "orchestrator")
@@ -398,8 +439,9 @@ async def start_platform(
             namespace = f"{NS_PREFIX}{uuid.uuid4().hex[:10]}"
             settings = fast_event_settings(amqp_url=AMQP_URL, events_namespace=namespace)
             for name in names:
-                buses[name] = RabbitBus(AMQP_URL, settings, connection_name=f"test-{name}",
-                                        grace=0.5)
+                buses[name] = RabbitBus(
+                    AMQP_URL, settings, connection_name=f"test-{name}", grace=0.5
+                )
             queue_names = namespace_names(settings, ("billing.usage", "analytics.events"))
             cleanups.append(lambda: delete_names(AMQP_URL, queue_names))
         else:
@@ -418,20 +460,25 @@ async def start_platform(
         apps = {
             "auth": create_auth(
                 AuthSettings(database_url=db_urls["auth"], **common),
-                bus=buses["auth"], register=False,
+                bus=buses["auth"],
+                register=False,
             ),
             "billing": create_billing(
                 BillingSettings(database_url=db_urls["billing"], **common),
-                bus=buses["billing"], register=False,
+                bus=buses["billing"],
+                register=False,
             ),
             "analytics": create_analytics(
                 AnalyticsSettings(database_url=db_urls["analytics"], **common),
-                bus=buses["analytics"], register=False,
+                bus=buses["analytics"],
+                register=False,
             ),
             "proxy": create_proxy(
-                ProxySettings(database_url=db_urls["proxy"], providers_file=str(providers_file),
-                              **common),
-                bus=buses["proxy"], register=False,
+                ProxySettings(
+                    database_url=db_urls["proxy"], providers_file=str(providers_file), **common
+                ),
+                bus=buses["proxy"],
+                register=False,
             ),
             "orchestrator": create_orchestrator(
                 OrchestratorSettings(
@@ -441,7 +488,8 @@ async def start_platform(
                     **common,
                     **orchestrator_settings,
                 ),
-                bus=buses["orchestrator"], register=False,
+                bus=buses["orchestrator"],
+                register=False,
             ),
         }
         for name in names:
@@ -451,8 +499,13 @@ async def start_platform(
             cleanups.append(runner.cleanup)
 
         gateway = Gateway(
-            GatewaySettings(routes_file=str(routes_file), host="127.0.0.1", port=0,
-                            admin_port=0, access_log=False),
+            GatewaySettings(
+                routes_file=str(routes_file),
+                host="127.0.0.1",
+                port=0,
+                admin_port=0,
+                access_log=False,
+            ),
             resolver=DiscoveryRouter(StaticResolver()),
         )
         await gateway.start()

@@ -33,15 +33,14 @@ from services.common.events import (
     QueueSpec,
     RabbitBus,
 )
+from services.common.events.broker import delete_names, namespace_names
 from tests import support
 from tests.support import (
     AMQP_URL,
     PG_URL,
     TcpRelay,
     asyncpg_dsn,
-    delete_names,
     fast_event_settings,
-    namespace_names,
     pg_admin,
     require_server,
     run_in_thread,

@@ -30,12 +30,11 @@ from services.billing.app import create_app as create_billing
 from services.billing.settings import BillingSettings
 from services.common.db import Database
 from services.common.events import EventBus, EventSettings, InProcessBus, RabbitBus
+from services.common.events.broker import delete_names, namespace_names
 from tests.support import (
     AMQP_URL,
-    delete_names,
     fast_event_settings,
     fresh_database,
-    namespace_names,
     require_server,
     sweep_namespaces,
 )
@@ -90,9 +89,7 @@ async def rabbit_settings() -> AsyncIterator[EventSettings]:
         amqp_url=AMQP_URL, events_namespace=f"{NS_PREFIX}{uuid.uuid4().hex[:10]}"
     )
     yield settings
-    await delete_names(
-        AMQP_URL, namespace_names(settings, ("billing.usage", "analytics.events"))
-    )
+    await delete_names(AMQP_URL, namespace_names(settings, ("billing.usage", "analytics.events")))
 
 
 @pytest.fixture(scope="session", autouse=True)
