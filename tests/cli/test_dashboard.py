@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -20,6 +19,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+
+from tests.support import fail_or_skip
 
 from .conftest import free_port
 
@@ -110,9 +111,7 @@ def _browser() -> tuple[str, str]:
     if chromium and driver:
         return chromium, driver
     why = "headless Chromium is not installed (apt-get install -y chromium chromium-driver)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(why)
-    pytest.skip(why)
+    fail_or_skip(why)
 
 
 class WebDriver:
