@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean install system-deps
+.PHONY: run test lint bench clean install system-deps bench-deps apt-deps
 
 # Debian packages the test suite drives for real: headless Chromium for the dashboard,
 # promtool and a Prometheus server for the monitoring config, docker-compose to
@@ -16,7 +16,13 @@ SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver promtool:prometheu
 install: $(STAMP)
 
 system-deps:
-	@missing=""; for pair in $(SYSTEM_DEPS); do \
+	@$(MAKE) --no-print-directory apt-deps DEPS="$(SYSTEM_DEPS)"
+
+bench-deps:
+	@$(MAKE) --no-print-directory apt-deps DEPS="$(SYSTEM_DEPS) nginx:nginx"
+
+apt-deps:
+	@missing=""; for pair in $(DEPS); do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
 	done; \
@@ -45,7 +51,8 @@ test: $(STAMP) system-deps
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) bench-deps
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/gateway_proxy.py
 
 clean:
