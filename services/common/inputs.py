@@ -48,11 +48,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise BadRequest(f"the request body must be a JSON object, not a JSON {_kind(data)}")
+        raise BadRequest(f"the request body must be a JSON object, not a JSON {json_kind(data)}")
     return data
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """The JSON type of a parsed value, for error messages (``string``, ``array``...)."""
     if isinstance(value, bool):
         return "boolean"
     if value is None:
@@ -76,7 +77,7 @@ def reject_unknown(data: dict[str, Any], allowed: set[str]) -> None:
 
 def validate_identifier(value: Any, field: str) -> str:
     if not isinstance(value, str):
-        raise BadRequest(f"'{field}' must be a string, not a JSON {_kind(value)}")
+        raise BadRequest(f"'{field}' must be a string, not a JSON {json_kind(value)}")
     if not IDENTIFIER.match(value):
         raise BadRequest(
             f"'{field}' must be 1-128 characters of letters, digits and ._:@+=/- "
@@ -101,7 +102,7 @@ def optional_str(data: dict[str, Any], field: str, *, max_length: int = 200) -> 
     if value is None:
         return None
     if not isinstance(value, str):
-        raise BadRequest(f"'{field}' must be a string, not a JSON {_kind(value)}")
+        raise BadRequest(f"'{field}' must be a string, not a JSON {json_kind(value)}")
     if len(value) > max_length:
         raise BadRequest(f"'{field}' is longer than {max_length} characters")
     return value

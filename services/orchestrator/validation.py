@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from services.common.app import json_response
+from services.common.inputs import json_kind
 from services.providers.config import Catalog, ModelRoute
 
 __all__ = ["ChatRequest", "OpenAIError", "parse_body", "validate_chat"]
@@ -89,17 +90,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "a number"
+    """``a string``, ``an array``, ``null``: the JSON type with its article."""
+    kind = json_kind(value)
+    if kind == "null":
+        return kind
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 def _number(data: dict, name: str, low: float, high: float) -> None:
