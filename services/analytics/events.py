@@ -4,7 +4,7 @@ and the events table's unique id makes a second insert a no-op anyway."""
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 from services.common import events
 
@@ -14,5 +14,5 @@ EVENTS_QUEUE = events.ANALYTICS_EVENTS
 EVENTS_BINDINGS = ("#",)
 
 
-async def on_event(event: events.Event, session: AsyncSession) -> None:
+async def on_event(event: events.Event, session: DbSession) -> None:
     await store.store_event(session, event)

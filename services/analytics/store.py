@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 from services.common import events
 from services.common.inputs import format_time, utcnow
@@ -119,11 +119,11 @@ def _cost(data: dict[str, Any], event_id: str) -> int:
         return 0
 
 
-def _insert(session: AsyncSession):  # the dialect's INSERT with ON CONFLICT support
+def _insert(session: DbSession):  # the dialect's INSERT with ON CONFLICT support
     return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
 
 
-async def store_event(session: AsyncSession, event: events.Event) -> bool:
+async def store_event(session: DbSession, event: events.Event) -> bool:
     """Store one event; False when it was already stored (a duplicate delivery)."""
     insert = _insert(session)
     occurred = _naive_utc(event.occurred_at)
@@ -181,7 +181,7 @@ def _window(column: Any, since: datetime | None, until: datetime | None) -> list
 
 
 async def metrics(
-    session: AsyncSession, *, since: datetime | None, until: datetime | None
+    session: DbSession, *, since: datetime | None, until: datetime | None
 ) -> dict[str, Any]:
     usage_window = _window(usage.c.occurred_at, since, until)
     sums = (
@@ -252,7 +252,7 @@ def _as_int(column: Any) -> Any:
 
 
 async def list_events(
-    session: AsyncSession,
+    session: DbSession,
     *,
     types: list[str],
     user_id: str | None,

@@ -8,7 +8,7 @@ Never the key itself nor its hash.
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 from services.common import events
 from services.common.inputs import format_time
@@ -18,7 +18,7 @@ from .store import ApiKey
 SOURCE = "auth"
 
 
-async def key_created(session: AsyncSession, key: ApiKey) -> events.Event:
+async def key_created(session: DbSession, key: ApiKey) -> events.Event:
     return await events.record(
         session,
         events.APIKEY_CREATED,
@@ -34,7 +34,7 @@ async def key_created(session: AsyncSession, key: ApiKey) -> events.Event:
     )
 
 
-async def key_revoked(session: AsyncSession, key: ApiKey) -> events.Event:
+async def key_revoked(session: DbSession, key: ApiKey) -> events.Event:
     return await events.record(
         session,
         events.APIKEY_REVOKED,

@@ -32,7 +32,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 from services.common.inputs import format_time, utcnow
 
@@ -110,7 +110,7 @@ def _row(row: Any) -> ApiKey:
 
 
 async def create_key(
-    session: AsyncSession, *, user_id: str, name: str | None, scopes: tuple[str, ...]
+    session: DbSession, *, user_id: str, name: str | None, scopes: tuple[str, ...]
 ) -> tuple[ApiKey, str]:
     """A new key: the record and the plaintext (which is never stored)."""
     plaintext = new_key()
@@ -138,7 +138,7 @@ async def create_key(
     return key, plaintext
 
 
-async def find_by_key(session: AsyncSession, presented: str) -> ApiKey | None:
+async def find_by_key(session: DbSession, presented: str) -> ApiKey | None:
     """The active-or-revoked record of a presented key, compared in constant time."""
     digest = hash_key(presented)
     row = (
@@ -149,7 +149,7 @@ async def find_by_key(session: AsyncSession, presented: str) -> ApiKey | None:
     return _row(row)
 
 
-async def get_key(session: AsyncSession, key_id: str, *, for_update: bool = False) -> ApiKey | None:
+async def get_key(session: DbSession, key_id: str, *, for_update: bool = False) -> ApiKey | None:
     query = select(api_keys).where(api_keys.c.id == key_id)
     if for_update:
         query = query.with_for_update()
@@ -157,7 +157,7 @@ async def get_key(session: AsyncSession, key_id: str, *, for_update: bool = Fals
     return _row(row) if row else None
 
 
-async def revoke_key(session: AsyncSession, key_id: str) -> tuple[ApiKey | None, bool]:
+async def revoke_key(session: DbSession, key_id: str) -> tuple[ApiKey | None, bool]:
     """(record, revoked now?); a key already revoked keeps its first revocation time."""
     key = await get_key(session, key_id, for_update=True)
     if key is None or key.revoked_at is not None:
@@ -168,7 +168,7 @@ async def revoke_key(session: AsyncSession, key_id: str) -> tuple[ApiKey | None,
 
 
 async def list_keys(
-    session: AsyncSession, *, user_id: str | None, limit: int, before_seq: int | None
+    session: DbSession, *, user_id: str | None, limit: int, before_seq: int | None
 ) -> list[ApiKey]:
     """Newest first; ``before_seq`` continues a previous page."""
     query = select(api_keys).order_by(api_keys.c.seq.desc()).limit(limit)

@@ -11,7 +11,7 @@ Publishes (through the outbox, in the transaction of the change):
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 from services.common import events
 from services.common.errors import BadRequest
@@ -28,7 +28,7 @@ class UnusableUsageEvent(ValueError):
     """A ``usage.recorded`` whose data cannot be charged; it ends in ``billing.usage.dlq``."""
 
 
-async def on_usage_recorded(event: events.Event, session: AsyncSession) -> None:
+async def on_usage_recorded(event: events.Event, session: DbSession) -> None:
     data = event.data
     try:
         request_id = require_str(data, "request_id")

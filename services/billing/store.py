@@ -46,7 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 from services.common import events
 from services.common.errors import Conflict, InsufficientQuota, NotFound
@@ -215,12 +215,12 @@ def _hold(row: Any) -> Hold:
 # -- accounts ---------------------------------------------------------------------------
 
 
-async def get_account(session: AsyncSession, user_id: str) -> Account | None:
+async def get_account(session: DbSession, user_id: str) -> Account | None:
     row = (await session.execute(select(accounts).where(accounts.c.user_id == user_id))).first()
     return Account(row.user_id, row.balance_micro, row.held_micro) if row else None
 
 
-async def _lock_account(session: AsyncSession, user_id: str) -> Account | None:
+async def _lock_account(session: DbSession, user_id: str) -> Account | None:
     row = (
         await session.execute(
             select(accounts).where(accounts.c.user_id == user_id).with_for_update()
@@ -229,7 +229,7 @@ async def _lock_account(session: AsyncSession, user_id: str) -> Account | None:
     return Account(row.user_id, row.balance_micro, row.held_micro) if row else None
 
 
-async def _ensure_account(session: AsyncSession, user_id: str) -> Account:
+async def _ensure_account(session: DbSession, user_id: str) -> Account:
     """Create the account if missing (race-free), then lock it."""
     account = await _lock_account(session, user_id)  # the usual case: it exists
     if account is not None:
@@ -251,7 +251,7 @@ async def _ensure_account(session: AsyncSession, user_id: str) -> Account:
     return account
 
 
-async def _move(session: AsyncSession, user_id: str, *, balance: int = 0, held: int = 0) -> Account:
+async def _move(session: DbSession, user_id: str, *, balance: int = 0, held: int = 0) -> Account:
     row = (
         await session.execute(
             update(accounts)
@@ -268,7 +268,7 @@ async def _move(session: AsyncSession, user_id: str, *, balance: int = 0, held: 
 
 
 async def _add_entry(
-    session: AsyncSession,
+    session: DbSession,
     *,
     user_id: str,
     kind: str,
@@ -325,7 +325,7 @@ def top_up_body(entry: Entry) -> dict[str, Any]:
     }
 
 
-async def find_top_up(session: AsyncSession, idempotency_key: str) -> Entry | None:
+async def find_top_up(session: DbSession, idempotency_key: str) -> Entry | None:
     row = (
         await session.execute(select(ledger).where(ledger.c.idempotency_key == idempotency_key))
     ).first()
@@ -333,7 +333,7 @@ async def find_top_up(session: AsyncSession, idempotency_key: str) -> Entry | No
 
 
 async def top_up(
-    session: AsyncSession, *, user_id: str, amount: int, idempotency_key: str
+    session: DbSession, *, user_id: str, amount: int, idempotency_key: str
 ) -> tuple[Entry, bool]:
     """Credit once per idempotency key: (entry, created?). 409 when the key was used
     for a different top-up."""
@@ -378,7 +378,7 @@ async def top_up(
 # -- charges ----------------------------------------------------------------------------
 
 
-async def find_charge(session: AsyncSession, request_id: str) -> Entry | None:
+async def find_charge(session: DbSession, request_id: str) -> Entry | None:
     row = (
         await session.execute(select(ledger).where(ledger.c.charge_request_id == request_id))
     ).first()
@@ -386,7 +386,7 @@ async def find_charge(session: AsyncSession, request_id: str) -> Entry | None:
 
 
 async def charge(
-    session: AsyncSession, *, request_id: str, user_id: str, amount: int, source: str
+    session: DbSession, *, request_id: str, user_id: str, amount: int, source: str
 ) -> tuple[Entry, bool]:
     """Charge ``amount`` for ``request_id`` exactly once and close its open hold.
 
@@ -439,12 +439,12 @@ async def charge(
 # -- holds ------------------------------------------------------------------------------
 
 
-async def get_hold(session: AsyncSession, request_id: str) -> Hold | None:
+async def get_hold(session: DbSession, request_id: str) -> Hold | None:
     row = (await session.execute(select(holds).where(holds.c.request_id == request_id))).first()
     return _hold(row) if row else None
 
 
-async def _expire_user_holds(session: AsyncSession, user_id: str, now: datetime) -> int:
+async def _expire_user_holds(session: DbSession, user_id: str, now: datetime) -> int:
     """Expire this user's open holds past their TTL (account row already locked)."""
     rows = (
         await session.execute(
@@ -466,7 +466,7 @@ async def _expire_user_holds(session: AsyncSession, user_id: str, now: datetime)
 
 
 async def reserve(
-    session: AsyncSession, *, request_id: str, user_id: str, amount: int, ttl: float
+    session: DbSession, *, request_id: str, user_id: str, amount: int, ttl: float
 ) -> tuple[Hold, bool]:
     """Hold ``amount`` of the user's available balance: (hold, created?).
 
@@ -529,7 +529,7 @@ async def reserve(
     return hold, True
 
 
-async def release(session: AsyncSession, request_id: str) -> Hold:
+async def release(session: DbSession, request_id: str) -> Hold:
     """Close a hold without charge; a hold already closed is returned unchanged."""
     hold = await get_hold(session, request_id)
     if hold is None:
@@ -552,7 +552,7 @@ async def release(session: AsyncSession, request_id: str) -> Hold:
     return replace(hold, status=RELEASED, closed_at=now)
 
 
-async def settle(session: AsyncSession, request_id: str, amount: int) -> tuple[Hold, Entry, bool]:
+async def settle(session: DbSession, request_id: str, amount: int) -> tuple[Hold, Entry, bool]:
     """Charge the actual cost of a reserved request (once) and close its hold."""
     hold = await get_hold(session, request_id)
     if hold is None:
@@ -565,7 +565,7 @@ async def settle(session: AsyncSession, request_id: str, amount: int) -> tuple[H
     return closed, entry, created
 
 
-async def expire_holds(session: AsyncSession, *, limit_users: int = 100) -> int:
+async def expire_holds(session: DbSession, *, limit_users: int = 100) -> int:
     """The sweeper's step: expire open holds past their TTL, user by user."""
     now = utcnow()
     users = (
@@ -588,7 +588,7 @@ async def expire_holds(session: AsyncSession, *, limit_users: int = 100) -> int:
 
 
 async def list_entries(
-    session: AsyncSession, user_id: str, *, limit: int, before_seq: int | None
+    session: DbSession, user_id: str, *, limit: int, before_seq: int | None
 ) -> list[Entry]:
     query = (
         select(ledger)
@@ -601,7 +601,7 @@ async def list_entries(
     return [_entry(row) for row in (await session.execute(query)).all()]
 
 
-async def totals(session: AsyncSession, user_id: str) -> dict[str, int]:
+async def totals(session: DbSession, user_id: str) -> dict[str, int]:
     """Sums straight from the ledger and the holds (for checks and tests)."""
     top_ups = (
         await session.execute(

@@ -52,7 +52,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import MetaData
-from sqlalchemy.ext.asyncio import AsyncSession
+from .db import DbSession
 
 from gateway.errors import GatewayError
 from gateway.registration import ServiceRegistration, registration_ctx
@@ -87,7 +87,7 @@ SETTINGS = web.AppKey("aiagg_settings", ServiceSettings)
 #: the request's id (accepted ``X-Request-ID`` or generated)
 REQUEST_ID = web.RequestKey("aiagg_request_id", str)
 
-ConsumerHandler = Callable[[events.Event, AsyncSession], Awaitable[None]]
+ConsumerHandler = Callable[[events.Event, DbSession], Awaitable[None]]
 #: a long-running loop started with the app and cancelled when it stops
 BackgroundTask = Callable[[web.Application], Awaitable[None]]
 

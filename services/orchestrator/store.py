@@ -23,7 +23,7 @@ from sqlalchemy import (
     Text,
     select,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 metadata = MetaData()
 
@@ -67,7 +67,7 @@ class Decision:
     finished_at: datetime
 
 
-async def insert_decision(session: AsyncSession, decision: Decision) -> None:
+async def insert_decision(session: DbSession, decision: Decision) -> None:
     await session.execute(
         requests.insert().values(
             request_id=decision.request_id,
@@ -89,7 +89,7 @@ async def insert_decision(session: AsyncSession, decision: Decision) -> None:
     )
 
 
-async def get_decision(session: AsyncSession, request_id: str) -> dict[str, Any] | None:
+async def get_decision(session: DbSession, request_id: str) -> dict[str, Any] | None:
     row = (
         await session.execute(select(requests).where(requests.c.request_id == request_id))
     ).first()

@@ -25,7 +25,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from services.common.db import DbSession
 
 from services.common.inputs import format_time
 from services.common.money import format_micro
@@ -85,11 +85,11 @@ class Usage:
         return data
 
 
-def _insert(session: AsyncSession):
+def _insert(session: DbSession):
     return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
 
 
-async def insert_usage(session: AsyncSession, row: Usage, event_id: str) -> bool:
+async def insert_usage(session: DbSession, row: Usage, event_id: str) -> bool:
     """Insert the row; False (and nothing written) when the request is already metered."""
     values = asdict(row)
     values["event_id"] = event_id
@@ -101,7 +101,7 @@ async def insert_usage(session: AsyncSession, row: Usage, event_id: str) -> bool
     return bool(result.rowcount)
 
 
-async def get_usage(session: AsyncSession, request_id: str) -> Usage | None:
+async def get_usage(session: DbSession, request_id: str) -> Usage | None:
     row = (await session.execute(select(usage).where(usage.c.request_id == request_id))).first()
     if row is None:
         return None

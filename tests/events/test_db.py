@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text, update
 
-from services.common.db import Database, default_sqlite_url, normalize_url
+from services.common.db import SQLITE_LOOP_BUSY_MS, Database, default_sqlite_url, normalize_url
 
 
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        ("sqlite:///var/billing.db", "sqlite+aiosqlite:///var/billing.db"),
-        ("sqlite+aiosqlite:////abs/a.db", "sqlite+aiosqlite:////abs/a.db"),
+        ("sqlite:///var/billing.db", "sqlite:///var/billing.db"),
+        ("sqlite+aiosqlite:////abs/a.db", "sqlite:////abs/a.db"),
         ("postgresql://u:p@db:5432/billing", "postgresql+asyncpg://u:p@db:5432/billing"),
         ("postgres://u@db/billing", "postgresql+asyncpg://u@db/billing"),
         ("postgresql+psycopg2://u@db/billing", "postgresql+asyncpg://u@db/billing"),
@@ -34,7 +34,7 @@ def test_other_databases_are_refused(url: str) -> None:
 
 def test_default_sqlite_url(tmp_path: Path) -> None:
     url = default_sqlite_url("billing", tmp_path / "data")
-    assert url == f"sqlite+aiosqlite:///{tmp_path}/data/billing.db"
+    assert url == f"sqlite:///{tmp_path}/data/billing.db"
 
 
 counters = Table(
@@ -55,7 +55,7 @@ async def test_sqlite_file_set_up(tmp_path: Path) -> None:
         await db.create_all(counters.metadata, other_metadata)  # several MetaData
         async with db.session() as session:
             assert (await session.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
-            assert (await session.execute(text("PRAGMA busy_timeout"))).scalar() == 10000
+            assert (await session.execute(text("PRAGMA busy_timeout"))).scalar() == SQLITE_LOOP_BUSY_MS
             tables = (
                 (await session.execute(text("SELECT name FROM sqlite_master WHERE type='table'")))
                 .scalars()
@@ -161,3 +161,78 @@ async def test_nested_sqlite_write_transaction_is_refused_not_deadlocked(
     async with sqlite_db.session() as session:
         names = (await session.execute(select(counters.c.name))).scalars().all()
     assert sorted(names) == ["outer", "queued"]
+
+
+async def test_sqlite_lock_held_by_another_process_is_awaited_not_blocking(
+    sqlite_db: Database,
+) -> None:
+    """SQLite runs in the loop's thread: while another connection (another process)
+    holds the write lock, BEGIN IMMEDIATE is retried asynchronously and the event loop
+    keeps running; the write goes through once the lock is released."""
+    import sqlite3
+
+    await sqlite_db.create_all(counters.metadata)
+    other = sqlite3.connect(sqlite_db.url.database, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.002)
+
+    ticker = asyncio.create_task(tick())
+
+    async def write() -> None:
+        async with sqlite_db.transaction() as session:
+            await session.execute(insert(counters).values(name="late", value=1))
+
+    writer = asyncio.create_task(write())
+    await asyncio.sleep(0.3)
+    assert not writer.done()  # still waiting for the lock...
+    assert ticks > 20  # ...without freezing the loop (a blocking wait would give ~1)
+    other.execute("ROLLBACK")
+    other.close()
+    await asyncio.wait_for(writer, 5)
+    ticker.cancel()
+    async with sqlite_db.session() as session:
+        assert await session.scalar(select(counters.c.value)) == 1
+
+
+async def test_sqlite_many_concurrent_readers_never_wait_for_a_connection(
+    sqlite_db: Database,
+) -> None:
+    """More open transactions than the pool's size: a bounded pool would block the
+    event loop (and deadlock) on the 9th; this one opens more connections."""
+    await sqlite_db.create_all(counters.metadata)
+    gate = asyncio.Event()
+
+    async def read() -> int:
+        async with sqlite_db.session() as session:
+            await gate.wait()
+            return len((await session.execute(select(counters.c.name))).all())
+
+    readers = [asyncio.create_task(read()) for _ in range(30)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*readers), 5) == [0] * 30
+
+
+async def test_sqlite_busy_timeout_gives_up_with_the_driver_error(tmp_path: Path) -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    db = Database(f"sqlite:///{tmp_path}/x.db", busy_timeout_ms=100)
+    try:
+        await db.create_all(counters.metadata)
+        other = sqlite3.connect(f"{tmp_path}/x.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(OperationalError, match="locked"):
+            async with db.transaction():
+                pass
+        other.execute("ROLLBACK")
+        other.close()
+    finally:
+        await db.close()

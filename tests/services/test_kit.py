@@ -226,7 +226,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     default = BillingSettings()
     assert default.port == DEFAULT_PORTS["billing"] == 3004
     assert default.host == "127.0.0.1"
-    assert default.resolved_database_url() == f"sqlite+aiosqlite:///{tmp_path}/billing.db"
+    assert default.resolved_database_url() == f"sqlite:///{tmp_path}/billing.db"
     assert AuthSettings().port == 3001
 
     monkeypatch.setenv("BILLING_PORT", "4100")
