@@ -4,9 +4,8 @@ and the events table's unique id makes a second insert a no-op anyway."""
 
 from __future__ import annotations
 
-from services.common.db import DbSession
-
 from services.common import events
+from services.common.db import DbSession
 
 from . import store
 

@@ -30,9 +30,9 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from services.common.db import DbSession
 
 from services.common import events
+from services.common.db import DbSession
 from services.common.inputs import format_time, utcnow
 from services.common.money import MoneyError, amount_from_data, format_micro
 

@@ -8,9 +8,8 @@ Never the key itself nor its hash.
 
 from __future__ import annotations
 
-from services.common.db import DbSession
-
 from services.common import events
+from services.common.db import DbSession
 from services.common.inputs import format_time
 
 from .store import ApiKey

@@ -32,8 +32,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from services.common.db import DbSession
 
+from services.common.db import DbSession
 from services.common.inputs import format_time, utcnow
 
 metadata = MetaData()

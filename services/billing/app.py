@@ -60,12 +60,11 @@ T = TypeVar("T")
 
 
 async def _retrying(db: Database, work: Callable[..., Awaitable[T]], what: str) -> T:
-    """Run ``work(session)`` in a write transaction, again when a concurrent writer won a
-    unique-key race (PostgreSQL); the retry then sees the winner's row."""
+    """Run ``work(session)`` in a (group-committed) write transaction, again when a
+    concurrent writer won a unique-key race (PostgreSQL); the retry sees the winner's row."""
     for attempt in range(3):
         try:
-            async with db.transaction() as session:
-                return await work(session)
+            return await db.writes.run(work)
         except IntegrityError:
             if attempt == 2:
                 raise Conflict(f"{what} conflicts with a concurrent request; retry") from None

@@ -11,9 +11,8 @@ Publishes (through the outbox, in the transaction of the change):
 
 from __future__ import annotations
 
-from services.common.db import DbSession
-
 from services.common import events
+from services.common.db import DbSession
 from services.common.errors import BadRequest
 from services.common.inputs import require_str
 from services.common.money import MoneyError, amount_from_data

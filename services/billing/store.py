@@ -46,9 +46,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from services.common.db import DbSession
 
 from services.common import events
+from services.common.db import DbSession
 from services.common.errors import Conflict, InsufficientQuota, NotFound
 from services.common.inputs import format_time, utcnow
 from services.common.money import CURRENCY, format_micro

@@ -39,6 +39,8 @@ from sqlalchemy.engine import URL, Connection, Dialect, Result, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from .groupcommit import GroupCommit
+
 log = logging.getLogger("aiagg.db")
 
 #: execution option read by the SQLite ``begin`` hook: "DEFERRED" or "IMMEDIATE"
@@ -59,7 +61,7 @@ class DbSession:
     ``dialect`` / ``bind.dialect`` say which database it is.
     """
 
-    __slots__ = ("_conn", "_blocking", "info", "dialect")
+    __slots__ = ("_blocking", "_conn", "dialect", "info")
 
     def __init__(self, conn: Connection | AsyncConnection, dialect: Dialect) -> None:
         self._conn = conn
@@ -162,6 +164,8 @@ class Database:
             kwargs.update(engine_kwargs or {})
             self.async_engine = create_async_engine(self.url, **kwargs)
             self.dialect = self.async_engine.dialect
+        #: the group-commit writer: ``await db.writes.run(unit)`` (see :mod:`.groupcommit`)
+        self.writes = GroupCommit(self)
 
     @property
     def is_sqlite(self) -> bool:
@@ -309,6 +313,7 @@ class Database:
             return (await session.execute(text("SELECT 1"))).scalar_one() == 1
 
     async def close(self) -> None:
+        await self.writes.close()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
         if self.async_engine is not None:

@@ -25,7 +25,7 @@ Analytics counts ``fallback`` and ``error`` from it.
 from __future__ import annotations
 
 from services.common import events
-from services.common.db import Database
+from services.common.db import Database, DbSession
 from services.common.money import format_micro
 
 from . import store
@@ -56,6 +56,8 @@ def decision_data(decision: store.Decision) -> dict:
 
 
 async def record_decision(db: Database, decision: store.Decision) -> None:
-    async with db.transaction() as session:
+    async def unit(session: DbSession) -> None:
         await store.insert_decision(session, decision)
         await events.record(session, events.ROUTE_DECIDED, decision_data(decision), SOURCE)
+
+    await db.writes.run(unit)  # group-committed with the other requests' decisions

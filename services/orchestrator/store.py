@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     select,
 )
+
 from services.common.db import DbSession
 
 metadata = MetaData()

@@ -23,7 +23,7 @@ micro-units (see :mod:`services.providers.pricing`). Billing charges it once per
 from __future__ import annotations
 
 from services.common import events
-from services.common.db import Database
+from services.common.db import Database, DbSession
 from services.common.money import CURRENCY, format_micro
 from services.providers.config import ModelRoute
 
@@ -68,8 +68,11 @@ def usage_data(row: store.Usage, route: ModelRoute) -> dict:
 async def record_usage(db: Database, row: store.Usage, route: ModelRoute) -> bool:
     """Insert the usage row and its event in one transaction; False if already metered."""
     event = events.Event.new(events.USAGE_RECORDED, SOURCE, usage_data(row, route))
-    async with db.transaction() as session:
+
+    async def unit(session: DbSession) -> bool:
         if not await store.insert_usage(session, row, event.id):
             return False
         await events.record_event(session, event)
-    return True
+        return True
+
+    return await db.writes.run(unit)  # group-committed with the other requests' usage

@@ -25,8 +25,8 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from services.common.db import DbSession
 
+from services.common.db import DbSession
 from services.common.inputs import format_time
 from services.common.money import format_micro
 

@@ -55,7 +55,8 @@ async def test_sqlite_file_set_up(tmp_path: Path) -> None:
         await db.create_all(counters.metadata, other_metadata)  # several MetaData
         async with db.session() as session:
             assert (await session.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
-            assert (await session.execute(text("PRAGMA busy_timeout"))).scalar() == SQLITE_LOOP_BUSY_MS
+            busy = (await session.execute(text("PRAGMA busy_timeout"))).scalar()
+            assert busy == SQLITE_LOOP_BUSY_MS
             tables = (
                 (await session.execute(text("SELECT name FROM sqlite_master WHERE type='table'")))
                 .scalars()

@@ -1,0 +1,99 @@
+"""services.common.groupcommit: many callers' write units, one transaction each batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+
+from services.common.db import Database, DbSession
+from services.common.groupcommit import GroupCommitClosed
+
+rows = Table(
+    "gc_rows",
+    MetaData(),
+    Column("name", String(40), primary_key=True),
+    Column("value", Integer, nullable=False),
+)
+
+
+def _insert(name: str, value: int):
+    async def unit(session: DbSession) -> str:
+        await session.execute(insert(rows).values(name=name, value=value))
+        return f"{name}:{value}"
+
+    return unit
+
+
+async def _names(db: Database) -> list[str]:
+    async with db.session() as session:
+        return sorted((await session.execute(select(rows.c.name))).scalars().all())
+
+
+async def test_concurrent_units_share_transactions_and_get_their_own_results(
+    any_db: Database,
+) -> None:
+    await any_db.create_all(rows.metadata)
+    commits: list[object] = []
+    any_db.add_commit_listener(commits.append)
+    results = await asyncio.gather(*(any_db.writes.run(_insert(f"r{i}", i)) for i in range(50)))
+    assert results == [f"r{i}:{i}" for i in range(50)]
+    # without group commit this is 50 transactions
+    assert any_db.writes.units == 50
+    assert len(commits) == any_db.writes.batches <= 2
+    assert await _names(any_db) == sorted(f"r{i}" for i in range(50))
+
+
+async def test_a_failing_unit_fails_alone(any_db: Database) -> None:
+    await any_db.create_all(rows.metadata)
+    await any_db.writes.run(_insert("taken", 0))
+
+    async def boom(session: DbSession) -> None:
+        await session.execute(insert(rows).values(name="boom-row", value=1))
+        raise ValueError("this unit is bad")
+
+    units = [_insert(f"ok{i}", i) for i in range(5)]
+    units.insert(2, boom)
+    units.insert(4, _insert("taken", 1))  # primary-key clash: an IntegrityError
+    outcomes = await asyncio.gather(*(any_db.writes.run(u) for u in units), return_exceptions=True)
+    assert isinstance(outcomes[2], ValueError)
+    assert type(outcomes[4]).__name__ == "IntegrityError"
+    assert [o for i, o in enumerate(outcomes) if i not in (2, 4)] == [
+        f"ok{i}:{i}" for i in range(5)
+    ]
+    # the bad units' writes are rolled back, everybody else's committed
+    assert await _names(any_db) == ["ok0", "ok1", "ok2", "ok3", "ok4", "taken"]
+
+
+async def test_the_answer_comes_after_the_commit(sqlite_db: Database) -> None:
+    await sqlite_db.create_all(rows.metadata)
+
+    async def write_then_check(i: int) -> None:
+        await sqlite_db.writes.run(_insert(f"c{i}", i))
+        async with sqlite_db.session() as session:  # another connection sees it already
+            found = await session.scalar(select(func.count()).where(rows.c.name == f"c{i}"))
+        assert found == 1
+
+    await asyncio.gather(*(write_then_check(i) for i in range(20)))
+
+
+async def test_close_fails_what_is_queued(sqlite_db: Database) -> None:
+    await sqlite_db.create_all(rows.metadata)
+    gate = asyncio.Event()
+
+    async def slow(session: DbSession) -> None:
+        await gate.wait()
+
+    first = asyncio.create_task(sqlite_db.writes.run(slow))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(sqlite_db.writes.run(_insert("never", 0)))
+    await asyncio.sleep(0.01)
+    await sqlite_db.writes.close()
+    with pytest.raises(GroupCommitClosed):
+        await first
+    with pytest.raises(GroupCommitClosed):
+        await queued
+    assert await _names(sqlite_db) == []
+    # the writer starts again on the next use
+    assert await sqlite_db.writes.run(_insert("again", 1)) == "again:1"
