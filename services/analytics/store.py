@@ -29,10 +29,9 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common import events
-from services.common.db import DbSession
+from services.common.db import DbSession, InsertIgnore
 from services.common.inputs import format_time, utcnow
 from services.common.money import MoneyError, amount_from_data, format_micro
 
@@ -119,54 +118,55 @@ def _cost(data: dict[str, Any], event_id: str) -> int:
         return 0
 
 
-def _insert(session: DbSession):  # the dialect's INSERT with ON CONFLICT support
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+_INSERT_EVENT = InsertIgnore(events_table, "id")
+_INSERT_USAGE = usage.insert()
+_INSERT_ROUTE = routes.insert()
 
 
 async def store_event(session: DbSession, event: events.Event) -> bool:
     """Store one event; False when it was already stored (a duplicate delivery)."""
-    insert = _insert(session)
     occurred = _naive_utc(event.occurred_at)
     data = event.data if isinstance(event.data, dict) else {}
-    result = await session.execute(
-        insert(events_table)
-        .values(
-            id=event.id,
-            type=event.type,
-            source=event.source,
-            occurred_at=occurred,
-            received_at=utcnow(),
-            user_id=_text(data.get("user_id"), 128),
-            data=json.dumps(data, separators=(",", ":"), ensure_ascii=False),
-        )
-        .on_conflict_do_nothing(index_elements=["id"])
+    stored = await _INSERT_EVENT.run(
+        session,
+        {
+            "id": event.id,
+            "type": event.type,
+            "source": event.source,
+            "occurred_at": occurred,
+            "received_at": utcnow(),
+            "user_id": _text(data.get("user_id"), 128),
+            "data": json.dumps(data, separators=(",", ":"), ensure_ascii=False),
+        },
     )
-    if result.rowcount == 0:
+    if not stored:
         return False
     if event.type == events.USAGE_RECORDED:
         await session.execute(
-            usage.insert().values(
-                event_id=event.id,
-                occurred_at=occurred,
-                request_id=_text(data.get("request_id"), 128),
-                user_id=_text(data.get("user_id"), 128),
-                model=_text(data.get("model"), 200),
-                provider=_text(data.get("provider"), 200),
-                prompt_tokens=_tokens(data, "prompt_tokens"),
-                completion_tokens=_tokens(data, "completion_tokens"),
-                cost_micro=_cost(data, event.id),
-            )
+            _INSERT_USAGE,
+            {
+                "event_id": event.id,
+                "occurred_at": occurred,
+                "request_id": _text(data.get("request_id"), 128),
+                "user_id": _text(data.get("user_id"), 128),
+                "model": _text(data.get("model"), 200),
+                "provider": _text(data.get("provider"), 200),
+                "prompt_tokens": _tokens(data, "prompt_tokens"),
+                "completion_tokens": _tokens(data, "completion_tokens"),
+                "cost_micro": _cost(data, event.id),
+            },
         )
     elif event.type == events.ROUTE_DECIDED:
         await session.execute(
-            routes.insert().values(
-                event_id=event.id,
-                occurred_at=occurred,
-                model=_text(data.get("model"), 200),
-                provider=_text(data.get("provider"), 200),
-                fallback=data.get("fallback") is True,
-                error=bool(data.get("error")),
-            )
+            _INSERT_ROUTE,
+            {
+                "event_id": event.id,
+                "occurred_at": occurred,
+                "model": _text(data.get("model"), 200),
+                "provider": _text(data.get("provider"), 200),
+                "fallback": data.get("fallback") is True,
+                "error": bool(data.get("error")),
+            },
         )
     return True
 

@@ -41,14 +41,14 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     func,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common import events
-from services.common.db import DbSession
+from services.common.db import DbSession, InsertIgnore
 from services.common.errors import Conflict, InsufficientQuota, NotFound
 from services.common.inputs import format_time, utcnow
 from services.common.money import CURRENCY, format_micro
@@ -104,6 +104,43 @@ holds = Table(
 
 OPEN, SETTLED, RELEASED, EXPIRED = "open", "settled", "released", "expired"
 TOP_UP, CHARGE = "top_up", "charge"
+
+# -- statements of the hot paths, built once (values go as parameters) ------------------
+
+_GET_ACCOUNT = select(accounts).where(accounts.c.user_id == bindparam("p_user"))
+_LOCK_ACCOUNT = _GET_ACCOUNT.with_for_update()
+_CREATE_ACCOUNT = InsertIgnore(accounts, "user_id")
+_MOVE = (
+    update(accounts)
+    .where(accounts.c.user_id == bindparam("p_user"))
+    .values(
+        balance_micro=accounts.c.balance_micro + bindparam("p_balance"),
+        held_micro=accounts.c.held_micro + bindparam("p_held"),
+        updated_at=bindparam("p_now"),
+    )
+    .returning(accounts.c.balance_micro, accounts.c.held_micro)
+)
+#: take a hold only if it fits in what is available: the check and the move are one
+#: statement, which also locks the account row (PostgreSQL)
+_TAKE_IF_AVAILABLE = (
+    update(accounts)
+    .where(
+        accounts.c.user_id == bindparam("p_user"),
+        accounts.c.balance_micro - accounts.c.held_micro >= bindparam("p_amount"),
+    )
+    .values(held_micro=accounts.c.held_micro + bindparam("p_amount"), updated_at=bindparam("p_now"))
+    .returning(accounts.c.balance_micro)
+)
+_INSERT_ENTRY = ledger.insert().returning(ledger.c.seq)
+_FIND_CHARGE = select(ledger).where(ledger.c.charge_request_id == bindparam("p_request"))
+_GET_HOLD = select(holds).where(holds.c.request_id == bindparam("p_request"))
+_LOCK_HOLD = _GET_HOLD.with_for_update()
+_CLOSE_HOLD = (
+    update(holds)
+    .where(holds.c.request_id == bindparam("p_request"))
+    .values(status=bindparam("p_status"), closed_at=bindparam("p_closed"))
+)
+_INSERT_HOLD = InsertIgnore(holds, "request_id")
 
 
 # -- values -----------------------------------------------------------------------------
@@ -216,16 +253,12 @@ def _hold(row: Any) -> Hold:
 
 
 async def get_account(session: DbSession, user_id: str) -> Account | None:
-    row = (await session.execute(select(accounts).where(accounts.c.user_id == user_id))).first()
+    row = (await session.execute(_GET_ACCOUNT, {"p_user": user_id})).first()
     return Account(row.user_id, row.balance_micro, row.held_micro) if row else None
 
 
 async def _lock_account(session: DbSession, user_id: str) -> Account | None:
-    row = (
-        await session.execute(
-            select(accounts).where(accounts.c.user_id == user_id).with_for_update()
-        )
-    ).first()
+    row = (await session.execute(_LOCK_ACCOUNT, {"p_user": user_id})).first()
     return Account(row.user_id, row.balance_micro, row.held_micro) if row else None
 
 
@@ -235,16 +268,15 @@ async def _ensure_account(session: DbSession, user_id: str) -> Account:
     if account is not None:
         return account
     now = utcnow()
-    values = {
-        "user_id": user_id,
-        "balance_micro": 0,
-        "held_micro": 0,
-        "created_at": now,
-        "updated_at": now,
-    }
-    insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
-    await session.execute(
-        insert(accounts).values(**values).on_conflict_do_nothing(index_elements=["user_id"])
+    await _CREATE_ACCOUNT.run(
+        session,
+        {
+            "user_id": user_id,
+            "balance_micro": 0,
+            "held_micro": 0,
+            "created_at": now,
+            "updated_at": now,
+        },
     )
     account = await _lock_account(session, user_id)
     assert account is not None
@@ -252,18 +284,8 @@ async def _ensure_account(session: DbSession, user_id: str) -> Account:
 
 
 async def _move(session: DbSession, user_id: str, *, balance: int = 0, held: int = 0) -> Account:
-    row = (
-        await session.execute(
-            update(accounts)
-            .where(accounts.c.user_id == user_id)
-            .values(
-                balance_micro=accounts.c.balance_micro + balance,
-                held_micro=accounts.c.held_micro + held,
-                updated_at=utcnow(),
-            )
-            .returning(accounts.c.balance_micro, accounts.c.held_micro)
-        )
-    ).one()
+    params = {"p_user": user_id, "p_balance": balance, "p_held": held, "p_now": utcnow()}
+    row = (await session.execute(_MOVE, params)).one()
     return Account(user_id, row.balance_micro, row.held_micro)
 
 
@@ -290,9 +312,7 @@ async def _add_entry(
         "source": source,
         "created_at": utcnow(),
     }
-    seq = (
-        await session.execute(ledger.insert().values(**values).returning(ledger.c.seq))
-    ).scalar_one()
+    seq = (await session.execute(_INSERT_ENTRY, values)).scalar_one()
     entry = Entry(
         seq=seq,
         id=values["id"],
@@ -379,9 +399,7 @@ async def top_up(
 
 
 async def find_charge(session: DbSession, request_id: str) -> Entry | None:
-    row = (
-        await session.execute(select(ledger).where(ledger.c.charge_request_id == request_id))
-    ).first()
+    row = (await session.execute(_FIND_CHARGE, {"p_request": request_id})).first()
     return _entry(row) if row else None
 
 
@@ -397,11 +415,7 @@ async def charge(
     existing = await find_charge(session, request_id)
     if existing is not None:
         return existing, False
-    hold_row = (
-        await session.execute(
-            select(holds).where(holds.c.request_id == request_id).with_for_update()
-        )
-    ).first()
+    hold_row = (await session.execute(_LOCK_HOLD, {"p_request": request_id})).first()
     held_delta = 0
     if hold_row is not None:
         if hold_row.user_id != user_id:
@@ -410,13 +424,9 @@ async def charge(
             )
         if hold_row.status == OPEN:
             held_delta = -hold_row.amount_micro
+        closed = hold_row.closed_at if hold_row.status != OPEN else utcnow()
         await session.execute(
-            update(holds)
-            .where(holds.c.request_id == request_id)
-            .values(
-                status=SETTLED,
-                closed_at=hold_row.closed_at if hold_row.status != OPEN else utcnow(),
-            )
+            _CLOSE_HOLD, {"p_request": request_id, "p_status": SETTLED, "p_closed": closed}
         )
     account = await _move(session, user_id, balance=-amount, held=held_delta)
     if account.balance < 0:
@@ -440,7 +450,7 @@ async def charge(
 
 
 async def get_hold(session: DbSession, request_id: str) -> Hold | None:
-    row = (await session.execute(select(holds).where(holds.c.request_id == request_id))).first()
+    row = (await session.execute(_GET_HOLD, {"p_request": request_id})).first()
     return _hold(row) if row else None
 
 
@@ -472,7 +482,53 @@ async def reserve(
 
     Idempotent by ``request_id``: the same reservation again returns the existing hold;
     a different one under the same id is a 409. 402 when it does not fit.
+
+    The usual case, a new request that fits, is three statements: a conditional
+    UPDATE that checks and takes the amount at once (and locks the account), the
+    hold's INSERT, and the check that the request is not charged already. Anything
+    else (no account, not enough available, a repeated id) goes the careful way.
     """
+    now = utcnow()
+    taken = await session.execute(
+        _TAKE_IF_AVAILABLE, {"p_user": user_id, "p_amount": amount, "p_now": now}
+    )
+    if taken.first() is not None:
+        hold = Hold(
+            request_id=request_id,
+            user_id=user_id,
+            amount=amount,
+            status=OPEN,
+            created_at=now,
+            expires_at=now + timedelta(seconds=ttl),
+            closed_at=None,
+        )
+        if await _INSERT_HOLD.run(session, _hold_values(hold)):
+            if await find_charge(session, request_id) is not None:
+                raise Conflict(f"request {request_id!r} is already charged")
+            return hold, True
+        # the id already holds something: give the amount back, then answer as below
+        await _move(session, user_id, held=-amount)
+    return await _reserve_carefully(
+        session, request_id=request_id, user_id=user_id, amount=amount, ttl=ttl
+    )
+
+
+def _hold_values(hold: Hold) -> dict[str, Any]:
+    return {
+        "request_id": hold.request_id,
+        "user_id": hold.user_id,
+        "amount_micro": hold.amount,
+        "status": hold.status,
+        "created_at": hold.created_at,
+        "expires_at": hold.expires_at,
+        "closed_at": hold.closed_at,
+    }
+
+
+async def _reserve_carefully(
+    session: DbSession, *, request_id: str, user_id: str, amount: int, ttl: float
+) -> tuple[Hold, bool]:
+    """:func:`reserve` when the fast path did not apply: lock, look, expire, decide."""
     account = await _lock_account(session, user_id)
     existing = await get_hold(session, request_id)
     if existing is not None:
@@ -515,17 +571,7 @@ async def reserve(
         expires_at=now + timedelta(seconds=ttl),
         closed_at=None,
     )
-    await session.execute(
-        holds.insert().values(
-            request_id=request_id,
-            user_id=user_id,
-            amount_micro=amount,
-            status=OPEN,
-            created_at=now,
-            expires_at=hold.expires_at,
-            closed_at=None,
-        )
-    )
+    await session.execute(holds.insert(), _hold_values(hold))
     return hold, True
 
 

@@ -68,9 +68,14 @@ class Decision:
     finished_at: datetime
 
 
+#: built once; the values go as parameters
+_INSERT = requests.insert()
+
+
 async def insert_decision(session: DbSession, decision: Decision) -> None:
     await session.execute(
-        requests.insert().values(
+        _INSERT,
+        dict(
             request_id=decision.request_id,
             user_id=decision.user_id,
             key_id=decision.key_id,
@@ -86,7 +91,7 @@ async def insert_decision(session: DbSession, decision: Decision) -> None:
             error=json.dumps(decision.error) if decision.error is not None else None,
             created_at=decision.created_at,
             finished_at=decision.finished_at,
-        )
+        ),
     )
 
 

@@ -24,9 +24,8 @@ from sqlalchemy import (
     Text,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
-from services.common.db import DbSession
+from services.common.db import DbSession, InsertIgnore
 from services.common.inputs import format_time
 from services.common.money import format_micro
 
@@ -85,20 +84,14 @@ class Usage:
         return data
 
 
-def _insert(session: DbSession):
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+_INSERT = InsertIgnore(usage, "request_id")
 
 
 async def insert_usage(session: DbSession, row: Usage, event_id: str) -> bool:
     """Insert the row; False (and nothing written) when the request is already metered."""
     values = asdict(row)
     values["event_id"] = event_id
-    result = await session.execute(
-        _insert(session)(usage).values(**values).on_conflict_do_nothing(
-            index_elements=["request_id"]
-        )
-    )
-    return bool(result.rowcount)
+    return await _INSERT.run(session, values)
 
 
 async def get_usage(session: DbSession, request_id: str) -> Usage | None:

@@ -438,6 +438,11 @@ async def test_usage_event_without_a_hold_charges_the_user(billing):
                                             "cost_micro": 250_000}))
     await eventually(lambda: _balance_is(billing, user, "0.750000"), what="the charge")
     await check_invariants(billing, user)
+    # a reservation under an id that is already charged is refused and holds nothing
+    resp = await reserve(billing, user, "0.5", "r-" + user)
+    assert resp.status == 409
+    assert "already charged" in (await resp.json())["error"]["message"]
+    assert (await check_invariants(billing, user))["held"] == "0.000000"
 
 
 async def test_unusable_usage_event_is_dead_lettered_and_charges_nothing(billing):
