@@ -52,13 +52,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import MetaData
-from .db import DbSession
 
 from gateway.errors import GatewayError
 from gateway.registration import ServiceRegistration, registration_ctx
 
 from . import events
-from .db import Database, normalize_url
+from .db import Database, DbSession, normalize_url
 from .identity import MasterKey
 from .settings import ServiceSettings
 
@@ -282,12 +281,15 @@ def _lifecycle(
         settings, db, bus = app[SETTINGS], app[DB], app[BUS]
         relay = app[RELAY]
         running: list[asyncio.Task[None]] = []
+        subscribed: list[events.Consumer] = []
         try:
             await db.create_all(*metadata, events.outbox_metadata)
             await bus.start()
             await relay.start()
             for sub in consumers:
-                await events.subscribe(bus, db, sub.queue, sub.bindings, sub.handler)
+                subscribed.append(
+                    await events.subscribe(bus, db, sub.queue, sub.bindings, sub.handler)
+                )
             for task in tasks:
                 running.append(
                     asyncio.create_task(_guard(task, app), name=f"{settings.service_name}:{task}")
@@ -305,6 +307,8 @@ def _lifecycle(
             if own_bus:
                 with contextlib.suppress(Exception):
                     await bus.close()
+            for consumer in subscribed:  # after the bus: its in-flight deliveries commit
+                await consumer.close()
             if own_database:
                 await db.close()
 

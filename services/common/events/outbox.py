@@ -8,6 +8,15 @@ relay backs off (jittered, capped) and keeps retrying; a restarted process just 
 them again. A crash between publish and "mark sent" publishes an event twice, which
 consumers absorb (they dedupe by event id, see :mod:`.consumer`).
 
+Pipelining: the relay does not wait for each confirm before the next publish. It
+starts the publishes of a batch in id order, up to :data:`MAX_IN_FLIGHT` awaiting their
+confirms at once, then marks every confirmed row sent in one UPDATE. If some fail, the
+confirmed ones are still marked sent, the first failed row gets ``attempts`` and
+``last_error``, and the error is raised (the relay backs off). So after a failure a
+later event of the same batch may already be out while the failed one waits for the
+next attempt: id order holds while the broker takes everything (at-least-once delivery,
+retries and redeliveries never promised consumers more).
+
 Include :data:`outbox_metadata` in the service's ``create_all``: it holds
 ``event_outbox`` and ``processed_events`` (the consumers' inbox).
 """
@@ -18,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -37,10 +47,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
-from ..db import Database
+from ..db import Database, DbSession
 from .bus import EventBus, PublishError, error_text
 from .envelope import Event
 from .metrics import OUTBOX_BACKLOG, OUTBOX_RELAYED
@@ -50,6 +58,9 @@ log = logging.getLogger("aiagg.events.outbox")
 
 #: set in ``session.info`` by :func:`record`; the relay wakes after such a commit
 OUTBOX_PENDING = "aiagg_outbox_pending"
+
+#: most publishes of one relay awaiting their broker confirm at the same time
+MAX_IN_FLIGHT = 256
 
 #: seconds between two ``COUNT(*)`` of the pending rows for the backlog gauge
 _BACKLOG_REFRESH = 1.0
@@ -82,7 +93,7 @@ processed_events = Table(
 )
 
 
-async def record(session: AsyncSession, type: str, data: dict[str, Any], source: str) -> Event:
+async def record(session: DbSession, type: str, data: dict[str, Any], source: str) -> Event:
     """Add a new event to the outbox in the caller's open transaction (no commit here)."""
     return await record_event(session, Event.new(type, source, data))
 
@@ -91,7 +102,7 @@ async def record(session: AsyncSession, type: str, data: dict[str, Any], source:
 _INSERT_OUTBOX = insert(event_outbox)
 
 
-async def record_event(session: AsyncSession, event: Event) -> Event:
+async def record_event(session: DbSession, event: Event) -> Event:
     """Like :func:`record`, for an event built by the caller."""
     await session.execute(
         _INSERT_OUTBOX,
@@ -147,7 +158,7 @@ class OutboxRelay:
         self.last_error: str | None = None
         db.add_commit_listener(self._on_commit)
 
-    def _on_commit(self, session: Session) -> None:
+    def _on_commit(self, session: DbSession) -> None:
         if session.info.pop(OUTBOX_PENDING, False):
             self.notify()
 
@@ -181,8 +192,9 @@ class OutboxRelay:
     async def run_once(self) -> int:
         """Publish every pending row, in order; returns how many were sent.
 
-        Stops at the first failure, which it records on that row and raises
-        (PublishError for broker trouble); the rows after it stay pending.
+        Stops at the first failed batch: the first failed row gets the error, which is
+        raised (PublishError for broker trouble); rows of that batch confirmed meanwhile
+        are marked sent, the others stay pending.
         """
         async with self._drain_lock:
             total = 0
@@ -226,19 +238,59 @@ class OutboxRelay:
                     .limit(batch)
                 )
             ).all()
-        sent: list[int] = []
-        failed: tuple[int, str] | None = None
+        sent, failed, error = await self._publish_rows(rows)
+        await self._mark(sent, failed)
+        if error is not None:
+            raise error
+        return len(sent), len(rows) == batch
+
+    async def _publish_rows(
+        self, rows: Sequence[Sequence[Any]]
+    ) -> tuple[list[int], tuple[int, str] | None, Exception | None]:
+        """Publish ``rows`` with up to :data:`MAX_IN_FLIGHT` confirms awaited at once.
+
+        Awaiting each confirm before the next publish made every event cost a broker
+        round trip of idle time plus a wake-up; pipelined, one round trip covers many.
+        Publishes start in id order, which one channel keeps on the broker. After a
+        failure no new publish starts; those in flight finish. Returns the confirmed ids,
+        the first failed row (lowest id) with its error text, and that error. If this is
+        cancelled (relay stopped) it cancels what is in flight, marks what was confirmed,
+        and re-raises.
+        """
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        errors: dict[int, Exception] = {}
+        confirmed: set[int] = set()
+
+        async def publish(row_id: int, payload: str) -> None:
+            try:
+                await self.bus.publish(Event.from_json(payload))
+            except Exception as exc:
+                errors[row_id] = exc
+            else:
+                confirmed.add(row_id)
+            finally:
+                slots.release()
+
+        tasks: list[asyncio.Task[None]] = []
         try:
             for row_id, payload in rows:
-                try:
-                    await self.bus.publish(Event.from_json(payload))
-                except Exception as exc:
-                    failed = (row_id, error_text(exc))
-                    raise
-                sent.append(row_id)
-        finally:
-            await self._mark(sent, failed)
-        return len(sent), len(rows) == batch
+                await slots.acquire()
+                if errors:  # the broker is in trouble: do not pile up more failures
+                    slots.release()
+                    break
+                tasks.append(asyncio.create_task(publish(row_id, payload)))
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._mark(sorted(confirmed), None)
+            raise
+        sent = [row_id for row_id, _payload in rows if row_id in confirmed]
+        if not errors:
+            return sent, None, None
+        first = min(errors)
+        return sent, (first, error_text(errors[first])), errors[first]
 
     async def _mark(self, sent: list[int], failed: tuple[int, str] | None) -> None:
         if not sent and failed is None:

@@ -1,0 +1,247 @@
+"""The pipelined relay: a batch's publishes await their confirms together, in id order.
+
+The buses are the real ones; a subclass only counts (and, for one test, holds back)
+publishes on their way to the real ``publish``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from services.common.db import Database
+from services.common.events import (
+    APIKEY_REVOKED,
+    USAGE_RECORDED,
+    Event,
+    EventBus,
+    InProcessBus,
+    OutboxRelay,
+    PublishError,
+    QueueSpec,
+    RabbitBus,
+    event_outbox,
+    outbox_metadata,
+    record,
+    record_event,
+)
+from services.common.events import outbox as outbox_module
+from services.common.events.metrics import CONFIRMED
+
+from .conftest import BusKit, eventually
+
+
+class _Counting:
+    """Counts publishes in flight (called, not yet confirmed) around the real publish."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        #: event ids whose publish waits for ``release`` before going to the broker
+        self.hold: set[str] = set()
+        self.release = asyncio.Event()
+
+    async def publish(self, event: Event) -> None:
+        self.started.append(event.id)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if event.id in self.hold:
+                await self.release.wait()
+            await super().publish(event)  # type: ignore[misc]
+        finally:
+            self.in_flight -= 1
+
+
+class CountingRabbitBus(_Counting, RabbitBus):
+    pass
+
+
+class CountingInProcessBus(_Counting, InProcessBus):
+    pass
+
+
+async def _counting_bus(kit: BusKit, queues: Iterable[QueueSpec], **settings: Any) -> Any:
+    """Like ``kit.make``, with the counting subclass of the kit's bus."""
+    queues = tuple(queues)
+    kit.track(*(q.name for q in queues))
+    config = kit.settings.model_copy(update=settings)
+    if kit.kind == "rabbit":
+        bus: Any = CountingRabbitBus(config.amqp_url, config, queues=queues, grace=0.5)
+    else:
+        bus = CountingInProcessBus(config, queues=queues, grace=0.5)
+    kit.buses.append(bus)
+    await bus.start()
+    assert bus.connected
+    return bus
+
+
+async def _collector(bus: EventBus, queue: str, bindings: list[str]) -> list[Event]:
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event)
+
+    await bus.subscribe(queue, bindings, handler)
+    return got
+
+
+async def _record(db: Database, events: list[Event]) -> None:
+    async with db.transaction() as session:
+        for event in events:
+            await record_event(session, event)
+
+
+async def _rows(db: Database) -> dict[str, dict[str, Any]]:
+    async with db.session() as session:
+        rows = (await session.execute(select(event_outbox).order_by(event_outbox.c.id))).all()
+    return {r.event_id: dict(r._mapping) for r in rows}
+
+
+async def test_relay_publishes_a_batch_concurrently_in_id_order(
+    any_db: Database, rabbit_kit: BusKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real confirms: many publishes are in flight at once, never more than the bound,
+    started in id order; the broker delivers them in that order; all are marked sent."""
+    monkeypatch.setattr(outbox_module, "MAX_IN_FLIGHT", 64)
+    await any_db.create_all(outbox_metadata)
+    bus = await _counting_bus(rabbit_kit, [QueueSpec("piped", ("#",))], amqp_prefetch=1)
+    got = await _collector(bus, "piped", ["#"])
+    events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(300)]
+    await _record(any_db, events)
+    relay = OutboxRelay(
+        any_db, bus, bus.settings.model_copy(update={"events_outbox_batch_size": 200})
+    )
+    assert await relay.run_once() == 300
+    assert 1 < bus.max_in_flight <= 64
+    assert bus.started == [e.id for e in events]
+    await eventually(lambda: len(got) == 300, what="300 deliveries")
+    assert [e.id for e in got] == [e.id for e in events]  # the broker kept the order
+    assert await relay.pending_count() == 0
+    assert all(r["sent_at"] is not None for r in (await _rows(any_db)).values())
+
+
+async def test_concurrent_publishes_all_confirm_and_arrive(rabbit_kit: BusKit) -> None:
+    """RabbitBus: N publishes in flight on the one confirm channel all get their own
+    confirm, and each message arrives once."""
+    bus = await _counting_bus(rabbit_kit, [QueueSpec("burst", ("usage.recorded",))])
+    got = await _collector(bus, "burst", ["usage.recorded"])
+    confirmed = CONFIRMED.labels(type=USAGE_RECORDED)
+    before = confirmed._value.get()
+    events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(500)]
+    await asyncio.gather(*(bus.publish(e) for e in events))
+    assert bus.max_in_flight > 100
+    assert confirmed._value.get() - before == 500
+    await eventually(lambda: len(got) >= 500, what="500 deliveries")
+    await asyncio.sleep(0.2)
+    assert sorted(e.id for e in got) == sorted(e.id for e in events)
+
+
+async def test_a_failed_publish_leaves_only_its_row_pending(
+    any_db: Database, bus_kit: BusKit
+) -> None:
+    """An unroutable event in the middle of a batch: the rows confirmed around it are
+    marked sent, it alone stays pending with the error recorded, and run_once raises."""
+    await any_db.create_all(outbox_metadata)
+    bus = await _counting_bus(bus_kit, [QueueSpec("usage", ("usage.recorded",))])
+    got = await _collector(bus, "usage", ["usage.recorded"])
+    events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(10)]
+    events[3] = Event.new(APIKEY_REVOKED, "auth", {"n": 3})  # no queue binds it
+    await _record(any_db, events)
+    relay = OutboxRelay(any_db, bus, name="partial")
+    with pytest.raises(PublishError, match="unroutable"):
+        await relay.run_once()
+    assert bus.started == [e.id for e in events]  # all started, in order
+    rows = await _rows(any_db)
+    unsent = [eid for eid, r in rows.items() if r["sent_at"] is None]
+    assert unsent == [events[3].id]
+    assert rows[events[3].id]["attempts"] == 1
+    assert "unroutable" in rows[events[3].id]["last_error"]
+    assert all(r["attempts"] == 0 for eid, r in rows.items() if eid != events[3].id)
+    expected = [e.id for i, e in enumerate(events) if i != 3]
+    await eventually(lambda: len(got) == 9, what="the 9 routable events")
+    assert [e.id for e in got] == expected
+
+    with pytest.raises(PublishError):  # the next drain retries only that row
+        await relay.run_once()
+    assert bus.started[10:] == [events[3].id]
+    assert (await _rows(any_db))[events[3].id]["attempts"] == 2
+
+
+async def test_no_new_publish_starts_after_a_failure(
+    any_db: Database, bus_kit: BusKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one publish in flight at a time the relay behaves as before: it stops at the
+    failed row and the later rows stay pending (not published)."""
+    monkeypatch.setattr(outbox_module, "MAX_IN_FLIGHT", 1)
+    await any_db.create_all(outbox_metadata)
+    bus = await _counting_bus(bus_kit, [QueueSpec("usage", ("usage.recorded",))])
+    events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(6)]
+    events[2] = Event.new(APIKEY_REVOKED, "auth", {"n": 2})
+    await _record(any_db, events)
+    relay = OutboxRelay(any_db, bus, name="stops")
+    with pytest.raises(PublishError):
+        await relay.run_once()
+    assert bus.max_in_flight == 1
+    assert bus.started == [e.id for e in events[:3]]
+    rows = await _rows(any_db)
+    assert [eid for eid, r in rows.items() if r["sent_at"] is None] == [e.id for e in events[2:]]
+
+
+async def test_a_stopped_relay_marks_what_was_confirmed(any_db: Database, bus_kit: BusKit) -> None:
+    """Stopping the relay while one publish hangs: the confirmed rows of the batch are
+    marked sent (not published again), the hanging one stays pending."""
+    await any_db.create_all(outbox_metadata)
+    bus = await _counting_bus(bus_kit, [QueueSpec("usage", ("usage.recorded",))])
+    got = await _collector(bus, "usage", ["usage.recorded"])
+    events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(8)]
+    bus.hold.add(events[4].id)
+    await _record(any_db, events)
+    relay = OutboxRelay(any_db, bus, name="stopped")
+    await relay.start()
+    try:
+        await eventually(lambda: len(got) == 7, what="the 7 other events")
+        await eventually(lambda: bus.in_flight == 1, what="their confirms")
+    finally:
+        await relay.stop()
+    rows = await _rows(any_db)
+    assert [eid for eid, r in rows.items() if r["sent_at"] is None] == [events[4].id]
+    bus.hold.clear()  # the next drain sends it
+    assert await relay.run_once() == 1
+    await eventually(lambda: len(got) == 8, what="the held event")
+    await relay.close()
+
+
+async def test_recorded_events_still_flow_through_a_running_relay(
+    any_db: Database, bus_kit: BusKit
+) -> None:
+    """Commits wake the pipelined relay; many small transactions all get out once."""
+    await any_db.create_all(outbox_metadata)
+    bus = await _counting_bus(bus_kit, [QueueSpec("flow", ("#",))])
+    got = await _collector(bus, "flow", ["#"])
+    relay = OutboxRelay(any_db, bus, name="flow")
+    await relay.start()
+    try:
+        recorded = []
+
+        async def one(i: int) -> None:
+            async with any_db.transaction() as session:
+                recorded.append(await record(session, USAGE_RECORDED, {"n": i}, "proxy"))
+
+        await asyncio.gather(*(one(i) for i in range(120)))
+        await eventually(lambda: len(got) == 120, what="120 events")
+        await eventually(lambda: _pending_is(relay, 0), what="all marked sent")
+        assert sorted(e.id for e in got) == sorted(e.id for e in recorded)
+        assert len(bus.started) == 120  # each published once
+    finally:
+        await relay.close()
+
+
+async def _pending_is(relay: OutboxRelay, n: int) -> bool:
+    return await relay.pending_count() == n
