@@ -203,7 +203,11 @@ def main() -> int:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return asyncio.run(run())
+    try:  # the services run on uvloop when it is installed (it is a dependency)
+        import uvloop
+    except ImportError:
+        return asyncio.run(run())
+    return uvloop.run(run())
 
 
 if __name__ == "__main__":

@@ -413,4 +413,25 @@ def run_service(build: Callable[[S], web.Application], settings: S) -> None:
         f"(database: {normalize_url(settings.resolved_database_url()).render_as_string()})",
         flush=True,
     )
-    web.run_app(app, host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        shutdown_timeout=10,
+        loop=_new_loop(settings),
+    )
+
+
+def _new_loop(settings: ServiceSettings) -> asyncio.AbstractEventLoop | None:
+    """uvloop's loop when wanted and installed; None lets aiohttp make asyncio's."""
+    if not settings.uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("aiagg.service").warning(
+            "SERVICE_UVLOOP is on but uvloop is not installed: running on asyncio's loop"
+        )
+        return None
+    return uvloop.new_event_loop()

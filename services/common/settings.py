@@ -77,6 +77,8 @@ class ServiceSettings(BaseSettings):
     health_timeout: float = Field(2.0, validation_alias="SERVICE_HEALTH_TIMEOUT", gt=0)
     #: whether a disconnected event bus makes ``GET /health`` answer 503
     health_requires_broker: bool = Field(True, validation_alias="SERVICE_HEALTH_REQUIRES_BROKER")
+    #: run on uvloop (when installed): less event-loop CPU per request and per event
+    uvloop: bool = Field(True, validation_alias="SERVICE_UVLOOP")
 
     @field_validator("port")
     @classmethod

@@ -310,3 +310,18 @@ async def test_metrics_endpoint_shows_outbox_and_queue_depths(aiohttp_client, tm
     assert 'aiagg_events_outbox_backlog{outbox="demo"}' in text
     assert 'aiagg_events_queue_depth{queue="billing.usage"}' in text
     assert 'aiagg_events_dlq_depth{queue="billing.usage"}' in text
+
+
+def test_services_run_on_uvloop_unless_told_not_to() -> None:
+    import uvloop
+
+    from services.common.app import _new_loop
+    from services.common.settings import ServiceSettings
+
+    loop = _new_loop(ServiceSettings())
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        assert loop is not None
+        loop.close()
+    assert _new_loop(ServiceSettings(SERVICE_UVLOOP=False)) is None
