@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from .dashboard import install_dashboard
 from .discovery import Resolver, discovery_from_config
 from .errors import ConfigError
 from .forwarder import ServiceClient, Upstreams, new_connection_pool
+from .gctune import tune_gc
 from .proxy import GatewayServer, ProxyHandler
 from .runtime import Runtime, compile_runtime
 from .settings import GatewaySettings
@@ -219,12 +219,7 @@ async def serve(settings: GatewaySettings | None = None) -> None:
     gw = Gateway(settings)
     await gw.start()
     if gw.settings.gc_tune:
-        # Everything alive now lives for the whole process: keep it out of the
-        # collector's generations, and collect the young one less often (requests
-        # allocate many short-lived objects; full passes cost the p99).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 20, 20)
+        tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)

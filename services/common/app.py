@@ -54,6 +54,7 @@ from prometheus_client import REGISTRY, generate_latest
 from sqlalchemy import MetaData
 
 from gateway.errors import GatewayError
+from gateway.gctune import tune_gc
 from gateway.registration import ServiceRegistration, registration_ctx
 
 from . import events
@@ -408,6 +409,12 @@ def run_service(build: Callable[[S], web.Application], settings: S) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     app = build(settings)
+    if settings.gc_tune:
+
+        async def _tune_gc(_: web.Application) -> None:  # after the start-up allocations
+            tune_gc()
+
+        app.on_startup.append(_tune_gc)
     print(
         f"{settings.service_name} listening on http://{settings.host}:{settings.port} "
         f"(database: {normalize_url(settings.resolved_database_url()).render_as_string()})",

@@ -79,6 +79,8 @@ class ServiceSettings(BaseSettings):
     health_requires_broker: bool = Field(True, validation_alias="SERVICE_HEALTH_REQUIRES_BROKER")
     #: run on uvloop (when installed): less event-loop CPU per request and per event
     uvloop: bool = Field(True, validation_alias="SERVICE_UVLOOP")
+    #: freeze start-up objects and collect the young generation less often (the p99)
+    gc_tune: bool = Field(True, validation_alias="SERVICE_GC_TUNE")
 
     @field_validator("port")
     @classmethod

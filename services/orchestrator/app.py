@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import aiohttp
@@ -80,11 +81,11 @@ class Peers:
     owned: bool = True
     proxy_policies: dict[str, CallPolicy] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.settings.master_key_value()}"}
 
-    @property
+    @cached_property
     def billing_policy(self) -> CallPolicy:
         timeout = self.settings.billing_timeout
         # every billing call is idempotent by request_id, so POSTs may be retried too

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
 from aio_pika.exceptions import PublishError as ReturnedError
 from yarl import URL
 
+from .acks import ChannelAcks
 from .bus import (
     DeadLetter,
     EventBus,
@@ -116,6 +118,9 @@ class RabbitBus(EventBus):
         self._subs: dict[str, _Subscription] = {}
         self._declared: set[str] = set()
         self._inflight: set[asyncio.Task[Any]] = set()
+        #: ack bookkeeping per consuming channel (delivery tags are per channel)
+        self._acks: weakref.WeakKeyDictionary[Any, ChannelAcks] = weakref.WeakKeyDictionary()
+        self._ack_tasks: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self._connect_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -289,6 +294,10 @@ class RabbitBus(EventBus):
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        for channel in list(self._acks):  # what committed gets its ack before we go
+            self._flush_acks(channel)
+        if self._ack_tasks:
+            await asyncio.wait(set(self._ack_tasks), timeout=2)
         if self._connection is not None:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                 async with asyncio.timeout(5):
@@ -405,6 +414,7 @@ class RabbitBus(EventBus):
         amqp_queue = await self._declare_queue(sub.queue, sub.bindings)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
+            self._channel_acks(message.channel).delivered(message.delivery_tag)
             task = asyncio.current_task()
             if task is not None:
                 self._inflight.add(task)
@@ -458,11 +468,46 @@ class RabbitBus(EventBus):
             )
             with contextlib.suppress(*CONNECTION_EXCEPTIONS):
                 await asyncio.sleep(min(1.0, outcome.delay or 1.0))  # do not spin on it
+                self._channel_acks(message.channel).settled(message.delivery_tag)
                 await message.nack(requeue=True)
             return
-        with contextlib.suppress(*CONNECTION_EXCEPTIONS):
-            # a lost ack means a redelivery, which the idempotent consumer absorbs
-            await message.ack()
+        self._ack(message)
+
+    # -- acknowledgements ---------------------------------------------------------------------
+
+    def _channel_acks(self, channel: Any) -> ChannelAcks:
+        acks = self._acks.get(channel)
+        if acks is None:
+            acks = self._acks[channel] = ChannelAcks()
+        return acks
+
+    def _ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack once this loop turn ends, coalesced with the other deliveries of the
+        channel that finished in the same turn (see :mod:`.acks`)."""
+        channel = message.channel
+        acks = self._channel_acks(channel)
+        acks.want_ack(message.delivery_tag, message)
+        if not acks.flush_scheduled:
+            acks.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks, channel)
+
+    def _flush_acks(self, channel: Any) -> None:
+        acks = self._acks.get(channel)
+        if acks is None:
+            return
+        acks.flush_scheduled = False
+        sends = acks.take()
+        if sends:
+            task = asyncio.create_task(self._send_acks(sends), name="amqp-acks")
+            self._ack_tasks.add(task)
+            task.add_done_callback(self._ack_tasks.discard)
+
+    @staticmethod
+    async def _send_acks(sends: list[tuple[AbstractIncomingMessage, bool]]) -> None:
+        for message, multiple in sends:
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                # a lost ack means a redelivery, which the idempotent consumer absorbs
+                await message.ack(multiple=multiple)
 
     @staticmethod
     def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
