@@ -32,7 +32,7 @@ from services.common.inputs import (
 )
 
 from . import store
-from .events import EVENTS_BINDINGS, EVENTS_QUEUE, on_event
+from .events import EVENTS_BINDINGS, EVENTS_QUEUE, on_event, on_events
 from .settings import AnalyticsSettings
 
 routes = web.RouteTableDef()
@@ -103,7 +103,7 @@ def create_app(
         settings or AnalyticsSettings(),
         routes=routes,
         metadata=[store.metadata],
-        consumers=[Subscription(EVENTS_QUEUE, EVENTS_BINDINGS, on_event)],
+        consumers=[Subscription(EVENTS_QUEUE, EVENTS_BINDINGS, on_event, on_events)],
         database=database,
         bus=bus,
         register=register,

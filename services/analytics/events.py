@@ -15,3 +15,8 @@ EVENTS_BINDINGS = ("#",)
 
 async def on_event(event: events.Event, session: DbSession) -> None:
     await store.store_event(session, event)
+
+
+async def on_events(batch: list[events.Event], session: DbSession) -> None:
+    """A group-committed batch of new events: one INSERT per table."""
+    await store.store_events(session, batch)

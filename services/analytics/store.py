@@ -119,56 +119,79 @@ def _cost(data: dict[str, Any], event_id: str) -> int:
 
 
 _INSERT_EVENT = InsertIgnore(events_table, "id")
-_INSERT_USAGE = usage.insert()
-_INSERT_ROUTE = routes.insert()
+
+
+def _rows(event: events.Event) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:
+    """The events-table row of ``event`` and, for usage and routing, its detail row
+    (with the name of its table)."""
+    occurred = _naive_utc(event.occurred_at)
+    data = event.data if isinstance(event.data, dict) else {}
+    row = {
+        "id": event.id,
+        "type": event.type,
+        "source": event.source,
+        "occurred_at": occurred,
+        "received_at": utcnow(),
+        "user_id": _text(data.get("user_id"), 128),
+        "data": json.dumps(data, separators=(",", ":"), ensure_ascii=False),
+    }
+    if event.type == events.USAGE_RECORDED:
+        return row, "usage", {
+            "event_id": event.id,
+            "occurred_at": occurred,
+            "request_id": _text(data.get("request_id"), 128),
+            "user_id": _text(data.get("user_id"), 128),
+            "model": _text(data.get("model"), 200),
+            "provider": _text(data.get("provider"), 200),
+            "prompt_tokens": _tokens(data, "prompt_tokens"),
+            "completion_tokens": _tokens(data, "completion_tokens"),
+            "cost_micro": _cost(data, event.id),
+        }
+    if event.type == events.ROUTE_DECIDED:
+        return row, "routes", {
+            "event_id": event.id,
+            "occurred_at": occurred,
+            "model": _text(data.get("model"), 200),
+            "provider": _text(data.get("provider"), 200),
+            "fallback": data.get("fallback") is True,
+            "error": bool(data.get("error")),
+        }
+    return row, None, None
+
+
+_INSERT_DETAIL = {
+    "usage": InsertIgnore(usage, "event_id"),
+    "routes": InsertIgnore(routes, "event_id"),
+}
 
 
 async def store_event(session: DbSession, event: events.Event) -> bool:
     """Store one event; False when it was already stored (a duplicate delivery)."""
-    occurred = _naive_utc(event.occurred_at)
-    data = event.data if isinstance(event.data, dict) else {}
-    stored = await _INSERT_EVENT.run(
-        session,
-        {
-            "id": event.id,
-            "type": event.type,
-            "source": event.source,
-            "occurred_at": occurred,
-            "received_at": utcnow(),
-            "user_id": _text(data.get("user_id"), 128),
-            "data": json.dumps(data, separators=(",", ":"), ensure_ascii=False),
-        },
-    )
-    if not stored:
+    row, table, detail = _rows(event)
+    if not await _INSERT_EVENT.run(session, row):
         return False
-    if event.type == events.USAGE_RECORDED:
-        await session.execute(
-            _INSERT_USAGE,
-            {
-                "event_id": event.id,
-                "occurred_at": occurred,
-                "request_id": _text(data.get("request_id"), 128),
-                "user_id": _text(data.get("user_id"), 128),
-                "model": _text(data.get("model"), 200),
-                "provider": _text(data.get("provider"), 200),
-                "prompt_tokens": _tokens(data, "prompt_tokens"),
-                "completion_tokens": _tokens(data, "completion_tokens"),
-                "cost_micro": _cost(data, event.id),
-            },
-        )
-    elif event.type == events.ROUTE_DECIDED:
-        await session.execute(
-            _INSERT_ROUTE,
-            {
-                "event_id": event.id,
-                "occurred_at": occurred,
-                "model": _text(data.get("model"), 200),
-                "provider": _text(data.get("provider"), 200),
-                "fallback": data.get("fallback") is True,
-                "error": bool(data.get("error")),
-            },
-        )
+    if table is not None and detail is not None:
+        await _INSERT_DETAIL[table].run(session, detail)
     return True
+
+
+async def store_events(session: DbSession, batch: list[events.Event]) -> None:
+    """Store many events with one multi-row INSERT per table (the consumer's batches).
+
+    An event already stored is skipped, and so is its detail row (both keyed by the
+    event id), exactly as :func:`store_event` does one by one.
+    """
+    rows: list[dict[str, Any]] = []
+    details: dict[str, list[dict[str, Any]]] = {"usage": [], "routes": []}
+    for event in batch:
+        row, table, detail = _rows(event)
+        rows.append(row)
+        if table is not None and detail is not None:
+            details[table].append(detail)
+    await _INSERT_EVENT.run_many(session, rows)
+    for table, values in details.items():
+        if values:
+            await _INSERT_DETAIL[table].run_many(session, values)
 
 
 def _window(column: Any, since: datetime | None, until: datetime | None) -> list[Any]:

@@ -104,6 +104,8 @@ class Subscription:
     queue: str
     bindings: tuple[str, ...]
     handler: ConsumerHandler
+    #: optional: handles the new events of a group-committed batch at once
+    batch_handler: events.BatchHandler | None = None
 
 
 # -- JSON answers and errors -----------------------------------------------------------
@@ -289,7 +291,10 @@ def _lifecycle(
             await relay.start()
             for sub in consumers:
                 subscribed.append(
-                    await events.subscribe(bus, db, sub.queue, sub.bindings, sub.handler)
+                    await events.subscribe(
+                        bus, db, sub.queue, sub.bindings, sub.handler,
+                        batch_handler=sub.batch_handler,
+                    )
                 )
             for task in tasks:
                 running.append(

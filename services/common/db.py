@@ -112,6 +112,11 @@ class InsertIgnore:
         result = await session.execute(self._statements[session.dialect.name], values)
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    async def run_many(self, session: DbSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert every row that does not exist yet, in one multi-row statement."""
+        if rows:
+            await session.execute(self._statements[session.dialect.name], list(rows))
+
 
 def default_sqlite_url(service_name: str, data_dir: str | Path = "var") -> str:
     """The embedded default: ``sqlite:///<data_dir>/<service_name>.db``."""

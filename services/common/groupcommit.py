@@ -1,35 +1,39 @@
-"""Group commit: many small write units share one database transaction.
+"""Group commit: many callers' small pieces of work share one database transaction.
 
-A transaction costs more CPU than the few statements of a typical request (BEGIN,
-COMMIT, a pool checkout, the WAL write), and a busy service has many requests
-writing at once. ``await db.writes.run(unit)`` queues ``unit(session)``; one worker
-task per database takes everything queued (at most ``max_batch``) and runs the units
-one after another on *one* session, then commits once. Each caller gets its own
-unit's result (or exception) only after that commit, so "answered" still means
-"durable". Batching is natural, without a timer: an idle worker runs a lone unit at
-once, and what arrives while a batch runs forms the next batch.
+A transaction costs more CPU than the few statements of a typical request or event
+(BEGIN, COMMIT, a pool checkout, the WAL write), and a busy service has many of them
+at once. :class:`Batcher` is the shared machinery: callers ``await submit(item)``;
+one worker task takes everything queued (at most ``max_batch``) and hands it to
+``run_batch`` (one transaction), then gives each caller its own result, only after
+that commit, so "answered" still means "durable". Batching is natural, without a
+timer: an idle worker runs a lone item at once, and what arrives while a batch runs
+forms the next batch.
 
-If anything in a batch fails (a unit raising, a constraint, the commit), the batch is
-rolled back and each of its units runs again alone in its own transaction, so one
-failing unit fails only its own caller. A unit may therefore run more than once
-before it commits: it must act only through ``session`` (no network calls, no
-publishing; record events with the outbox) and build its results from what it did.
+If a batch fails (an item raising, a constraint, the commit), it was rolled back as a
+whole; each of its items then runs again alone through ``run_one``, so one failing
+item fails only its own caller. Work may therefore run more than once before it
+commits: it must act only through the database session (no network calls, no
+publishing; events go through the outbox) and build its result from what it did.
+
+Two users: :class:`GroupCommit` (``db.writes``: request-path writes) and the event
+consumers (:class:`services.common.events.consumer.Consumer`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from .db import Database, DbSession
 
 log = logging.getLogger("aiagg.db")
 
+I = TypeVar("I")  # noqa: E741 - the item type
+R = TypeVar("R")
 T = TypeVar("T")
 Unit = Callable[["DbSession"], Awaitable[T]]
 
@@ -38,101 +42,177 @@ DEFAULT_MAX_BATCH = 64
 
 
 class GroupCommitClosed(RuntimeError):
-    """The database is closing: the unit was not run."""
+    """The batcher stopped before this item committed: it was not (durably) done."""
 
 
-class GroupCommit:
-    """The group-commit writer of one :class:`~services.common.db.Database`."""
+class Batcher(Generic[I, R]):
+    """Queue of items, one worker, batches with a one-by-one fallback (module doc).
 
-    def __init__(self, db: Database, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
-        self.db = db
+    ``reopen``: whether :meth:`submit` after :meth:`close` starts a new worker (True)
+    or raises ``closed_error`` (False).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[I]], Awaitable[list[R]]],
+        run_one: Callable[[I], Awaitable[R]],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        reopen: bool = True,
+        closed_error: type[Exception] = GroupCommitClosed,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.name = name
         self.max_batch = max_batch
-        self._queue: deque[tuple[Unit[Any], asyncio.Future[Any]]] = deque()
+        self._run_batch_fn = run_batch
+        self._run_one = run_one
+        self._reopen = reopen
+        self._closed_error = closed_error
+        self._queue: deque[tuple[I, asyncio.Future[R]]] = deque()
+        self._running: list[tuple[I, asyncio.Future[R]]] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
-        #: transactions committed and units run, for tests and metrics
+        self._closed = False
+        #: committed batches and items, for tests and metrics
         self.batches = 0
-        self.units = 0
+        self.items = 0
 
-    async def run(self, unit: Unit[T]) -> T:
-        """Run ``unit(session)`` in a shared write transaction; its result after commit."""
+    async def submit(self, item: I) -> R:
+        """Queue ``item``; its result once its transaction has committed."""
+        if self._closed and not self._reopen:
+            raise self._closed_error(f"{self.name} is closed")
+        self._closed = False
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._wake = asyncio.Event()
-            self._worker = loop.create_task(self._work(), name=f"group-commit:{self.db!r}")
+            self._start_worker(loop)
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.append((item, future))
         assert self._wake is not None
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((unit, future))
         self._wake.set()
+        # a cancelled caller cancels the future: the worker skips the item, or, if its
+        # batch already runs, commits it without anybody waiting for the answer
         return await future
 
     async def close(self) -> None:
-        """Stop the worker; queued units fail with :class:`GroupCommitClosed`."""
+        """Stop the worker; what is queued or running fails with ``closed_error``."""
+        self._closed = True
         worker, self._worker = self._worker, None
         if worker is not None and not worker.done():
             worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
-                await worker
-        while self._queue:
-            _, future = self._queue.popleft()
+            await asyncio.wait([worker])  # never raises what the worker raised
+        self._fail(self._running)
+        self._fail(self._queue)
+        self._running = []
+        self._queue.clear()
+
+    def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wake = asyncio.Event()
+        worker = loop.create_task(self._work(), name=f"batcher:{self.name}")
+        worker.add_done_callback(self._worker_done)
+        self._worker = worker
+
+    def _worker_done(self, worker: asyncio.Task[None]) -> None:
+        """Fail what a dead worker held; after a crash, a new worker takes the queue."""
+        if self._worker is worker:
+            self._worker = None
+        crashed = not worker.cancelled() and worker.exception() is not None
+        if crashed:
+            log.error("%s: worker crashed", self.name, exc_info=worker.exception())
+        self._fail(self._running)
+        self._running = []
+        if crashed and not self._closed and self._queue:
+            self._start_worker(worker.get_loop())
+        elif not crashed:
+            self._fail(self._queue)
+            self._queue.clear()
+
+    def _fail(self, pending: Sequence[tuple[I, asyncio.Future[R]]] | deque[Any]) -> None:
+        for _item, future in pending:
             if not future.done():
-                future.set_exception(GroupCommitClosed("the database is closing; not run"))
+                future.set_exception(
+                    self._closed_error(f"{self.name} stopped before this committed")
+                )
 
     async def _work(self) -> None:
         assert self._wake is not None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch = [
-                    self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))
-                ]
-                batch = [(unit, fut) for unit, fut in batch if not fut.done()]
-                if batch:
-                    await self._run_batch(batch)
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch: list[tuple[I, asyncio.Future[R]]] = []
+            while self._queue and len(batch) < self.max_batch:
+                entry = self._queue.popleft()
+                if not entry[1].done():  # skip callers cancelled while queued
+                    batch.append(entry)
+            if batch:
+                self._running = batch  # kept if this raises: _worker_done fails them
+                await self._run(batch)
+                self._running = []
 
-    async def _run_batch(self, batch: list[tuple[Unit[Any], asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
         if len(batch) > 1:
             try:
-                results = []
-                async with self.db.transaction() as session:
-                    for unit, _ in batch:
-                        results.append(await unit(session))
-            except asyncio.CancelledError:
-                self._fail(batch, GroupCommitClosed("the database is closing; rolled back"))
-                raise
-            except Exception:
-                pass  # one of them failed: find out which, each alone
+                results = await self._run_batch_fn([item for item, _ in batch])
+            except Exception as exc:
+                log.info(
+                    "%s: batch of %d failed (%s: %s); running its items one by one",
+                    self.name, len(batch), type(exc).__name__, exc,
+                )
             else:
-                self._count(len(batch))
+                self.batches += 1
+                self.items += len(batch)
                 for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(result)
                 return
-        for unit, future in batch:
+        for item, future in batch:
+            if future.done():
+                continue
             try:
-                async with self.db.transaction() as session:
-                    result = await unit(session)
-            except asyncio.CancelledError:
-                self._fail(batch, GroupCommitClosed("the database is closing; rolled back"))
-                raise
+                result = await self._run_one(item)
             except Exception as exc:
                 if not future.done():
                     future.set_exception(exc)
             else:
-                self._count(1)
+                self.batches += 1
+                self.items += 1
                 if not future.done():
                     future.set_result(result)
 
-    def _count(self, units: int) -> None:
-        self.batches += 1
-        self.units += units
 
-    @staticmethod
-    def _fail(batch: list[tuple[Unit[Any], asyncio.Future[Any]]], exc: Exception) -> None:
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
+class GroupCommit:
+    """The group-commit writer of one database: ``await db.writes.run(unit)``."""
+
+    def __init__(self, db: Database, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.db = db
+        self._batcher: Batcher[Unit[Any], Any] = Batcher(
+            f"group commit of {db!r}", self._run_batch, self._run_one, max_batch=max_batch
+        )
+
+    @property
+    def batches(self) -> int:
+        return self._batcher.batches
+
+    @property
+    def units(self) -> int:
+        return self._batcher.items
+
+    async def run(self, unit: Unit[T]) -> T:
+        """Run ``unit(session)`` in a shared write transaction; its result after commit."""
+        return await self._batcher.submit(unit)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    async def _run_batch(self, units: list[Unit[Any]]) -> list[Any]:
+        async with self.db.transaction() as session:
+            return [await unit(session) for unit in units]
+
+    async def _run_one(self, unit: Unit[Any]) -> Any:
+        async with self.db.transaction() as session:
+            return await unit(session)
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "GroupCommit", "GroupCommitClosed", "Unit"]
+__all__ = ["DEFAULT_MAX_BATCH", "Batcher", "GroupCommit", "GroupCommitClosed", "Unit"]

@@ -136,7 +136,7 @@ async def test_arrivals_during_a_batch_form_the_next_one(
     consumer = Consumer(any_db, "gc", handler)
     try:
         head = asyncio.create_task(consumer(first))
-        await eventually(lambda: consumer._running, what="the first batch to start")
+        await eventually(lambda: consumer._batcher._running, what="the first batch to start")
         rest = [asyncio.create_task(consumer(e)) for e in _events(10)]
         await asyncio.sleep(0.05)
         assert not any(t.done() for t in rest)
@@ -266,7 +266,7 @@ async def test_a_delivery_cancelled_while_queued_is_skipped(any_db: Database) ->
     consumer = Consumer(any_db, "gc", gated)
     try:
         head = asyncio.create_task(consumer(first))
-        await eventually(lambda: consumer._running, what="the first batch to start")
+        await eventually(lambda: consumer._batcher._running, what="the first batch to start")
         waiting = asyncio.create_task(consumer(queued))
         await asyncio.sleep(0.02)
         waiting.cancel()
@@ -293,7 +293,7 @@ async def test_close_fails_what_is_not_committed(any_db: Database) -> None:
         await never.wait()
 
     consumer = Consumer(any_db, "gc", stuck)
-    assert consumer._worker is None  # started on the first call, not before
+    assert consumer._batcher._worker is None  # started on the first call, not before
     running = asyncio.create_task(consumer(Event.new(USAGE_RECORDED, "proxy", {})))
     await eventually(lambda: handler.runs, what="the handler to start")
     queued = asyncio.create_task(consumer(Event.new(USAGE_RECORDED, "proxy", {})))

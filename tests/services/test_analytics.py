@@ -312,3 +312,46 @@ async def test_usage_over_rabbitmq_charges_billing_once_and_reaches_analytics(
     finally:
         for bus in (proxy_bus, billing_bus, analytics_bus):
             await bus.close()
+
+
+async def test_a_batch_is_stored_like_the_same_events_one_by_one(analytics):
+    """store_events (the consumer's group-committed batches) writes exactly the rows
+    store_event writes, skipping what is already there."""
+    user = new_user()
+    batch = [
+        usage(user, "gpt-x", "mock", "0.000120", T0),
+        route("gpt-x", "mock", T0, fallback=True),
+        route("gpt-y", "mock", T0, error="boom"),
+        Event.new(APIKEY_CREATED, "auth", {"user_id": user, "key_id": "k1"}, occurred_at=T0),
+        usage(user, "gpt-y", "other", "0.5", T0, p=1, c=2),
+    ]
+    async with analytics.db.transaction() as session:
+        assert await store.store_event(session, batch[0])  # already stored: skipped below
+        await store.store_events(session, batch)
+
+    async def rows(ids: list[str]) -> dict[str, list[tuple]]:
+        async with analytics.db.session() as session:
+            out = {}
+            for name, table, key in (
+                ("events", store.events_table, store.events_table.c.id),
+                ("usage", store.usage, store.usage.c.event_id),
+                ("routes", store.routes, store.routes.c.event_id),
+            ):
+                result = await session.execute(select(table).where(key.in_(ids)).order_by(key))
+                skip = ("seq", "received_at", "id", "event_id")  # differ between twins
+                out[name] = [
+                    tuple(v for k, v in r._mapping.items() if k not in skip) for r in result
+                ]
+            return out
+
+    # the same events under other ids, one by one
+    twins = [Event.new(e.type, e.source, e.data, occurred_at=e.occurred_at) for e in batch]
+    async with analytics.db.transaction() as session:
+        for twin in twins:
+            assert await store.store_event(session, twin)
+    batched, single = await rows([e.id for e in batch]), await rows([t.id for t in twins])
+    assert len(batched["events"]) == 5 and len(batched["usage"]) == 2
+    assert len(batched["routes"]) == 2
+    assert sorted(batched["events"]) == sorted(single["events"])
+    assert sorted(batched["usage"]) == sorted(single["usage"])
+    assert sorted(batched["routes"]) == sorted(single["routes"])

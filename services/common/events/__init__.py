@@ -4,7 +4,7 @@ A service author needs only this surface; see the README, "Events".
 """
 
 from .bus import DeadLetter, EventBus, Handler, PublishError, refresh_queue_depths
-from .consumer import Consumer, SessionHandler, run_handler, subscribe
+from .consumer import BatchHandler, Consumer, SessionHandler, run_handler, subscribe
 from .envelope import (
     APIKEY_CREATED,
     APIKEY_REVOKED,
@@ -50,6 +50,7 @@ __all__ = [
     "STANDARD_QUEUES",
     "TRANSACTION_CREATED",
     "USAGE_RECORDED",
+    "BatchHandler",
     "Consumer",
     "DeadLetter",
     "Event",

@@ -27,23 +27,20 @@ as their effects go through ``session`` only.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..db import Database, DbSession
-from .bus import EventBus, error_text
+from ..groupcommit import Batcher
+from .bus import EventBus
 from .envelope import Event
 from .metrics import DUPLICATES
 from .outbox import processed_events
 
-log = logging.getLogger("aiagg.events.consumer")
-
 SessionHandler = Callable[[Event, DbSession], Awaitable[None]]
+BatchHandler = Callable[[list[Event], DbSession], Awaitable[None]]
 
 #: most events one group-commit transaction takes (the buses' prefetch bounds it too)
 DEFAULT_MAX_BATCH = 200
@@ -108,16 +105,15 @@ class ConsumerClosed(RuntimeError):
     """The consumer stopped before this delivery committed: it is not acked, it is retried."""
 
 
-_Pending = tuple[Event, asyncio.Future[bool]]
-
-
 class Consumer:
     """A bus handler that runs ``handler(event, session)`` idempotently in ``db``.
 
     ``name`` identifies the consumer in ``processed_events``: keep it stable (the
     queue name is a good choice); two consumers of one event need different names.
     Concurrent calls are group-committed, up to ``max_batch`` per transaction (see the
-    module doc); :meth:`close` stops the worker.
+    module doc); :meth:`close` stops the worker. ``batch_handler(events, session)``,
+    when given, handles the new events of a batch at once (say, with one multi-row
+    INSERT); ``handler`` still handles an event that runs alone.
     """
 
     def __init__(
@@ -127,132 +123,55 @@ class Consumer:
         handler: SessionHandler,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
         self.db = db
         self.name = name
         self.handler = handler
-        self.max_batch = max_batch
-        self._queue: deque[_Pending] = deque()
-        self._running: list[_Pending] = []  # the batch the worker is on
-        self._wakeup = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
-        self._closed = False
+        self.batch_handler = batch_handler
+        self._batcher: Batcher[Event, bool] = Batcher(
+            f"consumer {name!r}",
+            self._commit_batch,
+            self._run_alone,
+            max_batch=max_batch,
+            reopen=False,
+            closed_error=ConsumerClosed,
+        )
+
+    @property
+    def max_batch(self) -> int:
+        return self._batcher.max_batch
 
     async def __call__(self, event: Event) -> None:
         """Queue the event for the worker; return once its transaction has committed."""
-        if self._closed:
-            raise ConsumerClosed(f"consumer {self.name!r} is closed")
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append((event, future))
-        if self._worker is None:
-            self._start_worker()
-        self._wakeup.set()
-        # a cancelled delivery (bus shutdown) cancels the future: the worker skips it,
-        # or, if its batch already runs, commits it unacked (the redelivery is a duplicate)
-        await future
+        await self._batcher.submit(event)
 
     async def close(self) -> None:
         """Stop the worker; deliveries not yet committed fail with :class:`ConsumerClosed`."""
-        self._closed = True
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.cancel()
-            await asyncio.wait([worker])  # never raises what the worker raised
-        self._fail(self._running)
-        self._fail(self._queue)
-        self._running = []
-        self._queue.clear()
+        await self._batcher.close()
 
-    def _start_worker(self) -> None:
-        worker = asyncio.create_task(self._work(), name=f"consumer:{self.name}")
-        worker.add_done_callback(self._worker_done)
-        self._worker = worker
-
-    def _worker_done(self, worker: asyncio.Task[None]) -> None:
-        """Fail what the dead worker held. After a crash (not a cancellation: close or
-        loop shutdown) a new worker takes the calls still queued."""
-        if self._worker is worker:
-            self._worker = None
-        crashed = not worker.cancelled() and worker.exception() is not None
-        if crashed:
-            log.error("consumer %s: worker crashed", self.name, exc_info=worker.exception())
-        self._fail(self._running)
-        self._running = []
-        if not crashed or self._closed:
-            self._fail(self._queue)
-            self._queue.clear()
-        elif self._queue and self._worker is None:
-            self._start_worker()
-
-    def _fail(self, pending: Sequence[_Pending] | deque[_Pending]) -> None:
-        for _event, future in pending:
-            if not future.done():
-                future.set_exception(
-                    ConsumerClosed(
-                        f"consumer {self.name!r} stopped before the event committed; "
-                        "the delivery is not acknowledged"
-                    )
-                )
-
-    async def _work(self) -> None:
-        while True:
-            while not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch: list[_Pending] = []
-            while self._queue and len(batch) < self.max_batch:
-                item = self._queue.popleft()
-                if not item[1].done():  # skip deliveries cancelled while queued
-                    batch.append(item)
-            if not batch:
-                continue
-            self._running = batch  # kept if this raises: _worker_done fails them
-            await self._run_batch(batch)
-            self._running = []
-
-    async def _run_batch(self, batch: list[_Pending]) -> None:
-        """One transaction for the batch; on any failure, each event alone."""
-        if len(batch) > 1:
-            try:
-                ran = await self._commit_batch([event for event, _future in batch])
-            except Exception as exc:
-                log.info(
-                    "consumer %s: batch of %d failed (%s); running its events one by one",
-                    self.name,
-                    len(batch),
-                    error_text(exc),
-                )
-            else:
-                for (_event, future), result in zip(batch, ran, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-                return
-        for event, future in batch:
-            if future.done():
-                continue
-            try:
-                result = await run_handler(self.db, self.name, event, self.handler)
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                if not future.done():
-                    future.set_result(result)
+    async def _run_alone(self, event: Event) -> bool:
+        return await run_handler(self.db, self.name, event, self.handler)
 
     async def _commit_batch(self, events: list[Event]) -> list[bool]:
         """Mark and handle ``events`` in one transaction; per event, whether it ran."""
         ran: list[bool] = []
+        fresh: list[Event] = []
         async with self.db.transaction() as session:
             new = await mark_many_processed(session, self.name, [e.id for e in events])
             for event in events:
                 if event.id in new:
                     new.discard(event.id)  # a second copy in this batch is a duplicate
-                    await self.handler(event, session)
+                    fresh.append(event)
                     ran.append(True)
                 else:
                     ran.append(False)
+            if self.batch_handler is not None:
+                if fresh:
+                    await self.batch_handler(fresh, session)
+            else:
+                for event in fresh:
+                    await self.handler(event, session)
         duplicates = ran.count(False)
         if duplicates:  # counted after the commit: a rolled-back batch is re-run alone
             DUPLICATES.labels(consumer=self.name).inc(duplicates)
@@ -268,18 +187,22 @@ async def subscribe(
     *,
     consumer: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
+    batch_handler: BatchHandler | None = None,
 ) -> Consumer:
     """Consume ``queue`` with an idempotent ``handler(event, session)``; returns the Consumer.
 
     Call ``await consumer.close()`` at shutdown, after the bus stopped delivering.
     """
-    wrapped = Consumer(db, consumer or queue, handler, max_batch=max_batch)
+    wrapped = Consumer(
+        db, consumer or queue, handler, max_batch=max_batch, batch_handler=batch_handler
+    )
     await bus.subscribe(queue, bindings, wrapped)
     return wrapped
 
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
+    "BatchHandler",
     "Consumer",
     "ConsumerClosed",
     "SessionHandler",
