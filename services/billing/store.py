@@ -493,15 +493,7 @@ async def reserve(
         _TAKE_IF_AVAILABLE, {"p_user": user_id, "p_amount": amount, "p_now": now}
     )
     if taken.first() is not None:
-        hold = Hold(
-            request_id=request_id,
-            user_id=user_id,
-            amount=amount,
-            status=OPEN,
-            created_at=now,
-            expires_at=now + timedelta(seconds=ttl),
-            closed_at=None,
-        )
+        hold = _new_hold(request_id, user_id, amount, now, ttl)
         if await _INSERT_HOLD.run(session, _hold_values(hold)):
             if await find_charge(session, request_id) is not None:
                 raise Conflict(f"request {request_id!r} is already charged")
@@ -510,6 +502,18 @@ async def reserve(
         await _move(session, user_id, held=-amount)
     return await _reserve_carefully(
         session, request_id=request_id, user_id=user_id, amount=amount, ttl=ttl
+    )
+
+
+def _new_hold(request_id: str, user_id: str, amount: int, now: datetime, ttl: float) -> Hold:
+    return Hold(
+        request_id=request_id,
+        user_id=user_id,
+        amount=amount,
+        status=OPEN,
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl),
+        closed_at=None,
     )
 
 
@@ -562,15 +566,7 @@ async def _reserve_carefully(
     )
     if result.rowcount != 1:
         raise InsufficientQuota("insufficient balance")
-    hold = Hold(
-        request_id=request_id,
-        user_id=user_id,
-        amount=amount,
-        status=OPEN,
-        created_at=now,
-        expires_at=now + timedelta(seconds=ttl),
-        closed_at=None,
-    )
+    hold = _new_hold(request_id, user_id, amount, now, ttl)
     await session.execute(holds.insert(), _hold_values(hold))
     return hold, True
 

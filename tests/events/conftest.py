@@ -26,6 +26,7 @@ from yarl import URL
 
 from services.common.db import Database
 from services.common.events import (
+    Event,
     EventBus,
     EventSettings,
     Handler,
@@ -109,15 +110,21 @@ class BusKit:
         self.logical: set[str] = set()
 
     async def make(
-        self, queues: Iterable[QueueSpec] = (), settings: EventSettings | None = None
+        self,
+        queues: Iterable[QueueSpec] = (),
+        settings: EventSettings | None = None,
+        *,
+        rabbit_class: type[RabbitBus] = RabbitBus,
+        inprocess_class: type[InProcessBus] = InProcessBus,
     ) -> EventBus:
+        """A started bus of the kit's kind (or of the given subclass of it)."""
         settings = settings or self.settings
         queues = tuple(queues)
         self.logical |= {q.name for q in queues}
         if self.kind == "rabbit":
-            bus: EventBus = RabbitBus(settings.amqp_url, settings, queues=queues, grace=0.5)
+            bus: EventBus = rabbit_class(settings.amqp_url, settings, queues=queues, grace=0.5)
         else:
-            bus = InProcessBus(settings, queues=queues, grace=0.5)
+            bus = inprocess_class(settings, queues=queues, grace=0.5)
         self.buses.append(bus)
         await bus.start()
         assert bus.connected
@@ -248,3 +255,14 @@ async def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await _empty_schema(request.getfixturevalue("pg_database"))
     yield db
     await db.close()
+
+
+async def collector(bus: EventBus, queue: str, bindings: list[str]) -> list[Event]:
+    """Subscribe ``queue`` with a handler that keeps what it gets, in order."""
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event)
+
+    await bus.subscribe(queue, bindings, handler)
+    return got

@@ -13,7 +13,6 @@ from services.common.events import (
     TRANSACTION_CREATED,
     USAGE_RECORDED,
     Event,
-    EventBus,
     OutboxRelay,
     QueueSpec,
     event_outbox,
@@ -23,7 +22,7 @@ from services.common.events import (
 from services.common.events.consumer import subscribe
 from tests.support import TcpRelay
 
-from .conftest import BusKit, eventually, test_settings, via_proxy
+from .conftest import BusKit, collector, eventually, test_settings, via_proxy
 
 things_metadata = MetaData()
 things = Table(
@@ -32,16 +31,6 @@ things = Table(
     Column("id", Integer, primary_key=True),
     Column("name", String(50), nullable=False),
 )
-
-
-async def _collector(bus: EventBus, queue: str, bindings: list[str]) -> list[Event]:
-    got: list[Event] = []
-
-    async def handler(event: Event) -> None:
-        got.append(event)
-
-    await bus.subscribe(queue, bindings, handler)
-    return got
 
 
 async def test_record_is_part_of_the_callers_transaction(any_db: Database) -> None:
@@ -70,7 +59,7 @@ async def test_relay_publishes_in_order_and_marks_sent(any_db: Database, bus_kit
     # prefetch 1: one delivery at a time, so the arrival order is the queue's order
     one_at_a_time = bus_kit.settings.model_copy(update={"amqp_prefetch": 1})
     bus = await bus_kit.make([QueueSpec("ordered", ("#",))], settings=one_at_a_time)
-    got = await _collector(bus, "ordered", ["#"])
+    got = await collector(bus, "ordered", ["#"])
     recorded = []
     for i in range(30):
         async with any_db.transaction() as session:
@@ -92,7 +81,7 @@ async def test_relay_publishes_in_order_and_marks_sent(any_db: Database, bus_kit
 async def test_commit_wakes_the_relay_at_once(sqlite_db: Database, bus_kit: BusKit) -> None:
     await sqlite_db.create_all(outbox_metadata)
     bus = await bus_kit.make([QueueSpec("fast", ("#",))])
-    got = await _collector(bus, "fast", ["#"])
+    got = await collector(bus, "fast", ["#"])
     relay = OutboxRelay(sqlite_db, bus, test_settings(events_outbox_poll_interval="30s"))
     await relay.start()
     try:
@@ -116,7 +105,7 @@ async def test_events_recorded_while_broker_is_down_are_all_delivered_in_order(
         amqp_prefetch=1,
     )
     bus = await rabbit_kit.make([QueueSpec("durable", ("#",))], settings=settings)
-    got = await _collector(bus, "durable", ["#"])
+    got = await collector(bus, "durable", ["#"])
     relay = OutboxRelay(any_db, bus, settings, name="outage")
     await relay.start()
     try:
@@ -168,7 +157,7 @@ async def test_pending_events_survive_a_restart(any_db: Database, bus_kit: BusKi
     db = Database(any_db.url)  # the restarted process
     try:
         bus = await bus_kit.make([QueueSpec("restart", ("#",))])
-        got = await _collector(bus, "restart", ["#"])
+        got = await collector(bus, "restart", ["#"])
         relay = OutboxRelay(db, bus)
         await relay.start()
         try:
@@ -202,7 +191,7 @@ async def test_consumer_effect_and_its_own_event_commit_together(
     )
     relay = OutboxRelay(any_db, bus, name="billing")
     await relay.start()
-    audit = await _collector(bus, "audit", ["transaction.created"])
+    audit = await collector(bus, "audit", ["transaction.created"])
 
     async def charge(event: Event, session) -> None:
         await session.execute(insert(charges).values(usage_id=event.id, amount=event.data["cost"]))

@@ -18,7 +18,6 @@ from services.common.events import (
     APIKEY_REVOKED,
     USAGE_RECORDED,
     Event,
-    EventBus,
     InProcessBus,
     OutboxRelay,
     PublishError,
@@ -32,7 +31,7 @@ from services.common.events import (
 from services.common.events import outbox as outbox_module
 from services.common.events.metrics import CONFIRMED
 
-from .conftest import BusKit, eventually
+from .conftest import BusKit, collector, eventually
 
 
 class _Counting:
@@ -69,27 +68,10 @@ class CountingInProcessBus(_Counting, InProcessBus):
 
 async def _counting_bus(kit: BusKit, queues: Iterable[QueueSpec], **settings: Any) -> Any:
     """Like ``kit.make``, with the counting subclass of the kit's bus."""
-    queues = tuple(queues)
-    kit.track(*(q.name for q in queues))
     config = kit.settings.model_copy(update=settings)
-    if kit.kind == "rabbit":
-        bus: Any = CountingRabbitBus(config.amqp_url, config, queues=queues, grace=0.5)
-    else:
-        bus = CountingInProcessBus(config, queues=queues, grace=0.5)
-    kit.buses.append(bus)
-    await bus.start()
-    assert bus.connected
-    return bus
-
-
-async def _collector(bus: EventBus, queue: str, bindings: list[str]) -> list[Event]:
-    got: list[Event] = []
-
-    async def handler(event: Event) -> None:
-        got.append(event)
-
-    await bus.subscribe(queue, bindings, handler)
-    return got
+    return await kit.make(
+        queues, config, rabbit_class=CountingRabbitBus, inprocess_class=CountingInProcessBus
+    )
 
 
 async def _record(db: Database, events: list[Event]) -> None:
@@ -112,7 +94,7 @@ async def test_relay_publishes_a_batch_concurrently_in_id_order(
     monkeypatch.setattr(outbox_module, "MAX_IN_FLIGHT", 64)
     await any_db.create_all(outbox_metadata)
     bus = await _counting_bus(rabbit_kit, [QueueSpec("piped", ("#",))], amqp_prefetch=1)
-    got = await _collector(bus, "piped", ["#"])
+    got = await collector(bus, "piped", ["#"])
     events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(300)]
     await _record(any_db, events)
     relay = OutboxRelay(
@@ -131,7 +113,7 @@ async def test_concurrent_publishes_all_confirm_and_arrive(rabbit_kit: BusKit) -
     """RabbitBus: N publishes in flight on the one confirm channel all get their own
     confirm, and each message arrives once."""
     bus = await _counting_bus(rabbit_kit, [QueueSpec("burst", ("usage.recorded",))])
-    got = await _collector(bus, "burst", ["usage.recorded"])
+    got = await collector(bus, "burst", ["usage.recorded"])
     confirmed = CONFIRMED.labels(type=USAGE_RECORDED)
     before = confirmed._value.get()
     events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(500)]
@@ -150,7 +132,7 @@ async def test_a_failed_publish_leaves_only_its_row_pending(
     marked sent, it alone stays pending with the error recorded, and run_once raises."""
     await any_db.create_all(outbox_metadata)
     bus = await _counting_bus(bus_kit, [QueueSpec("usage", ("usage.recorded",))])
-    got = await _collector(bus, "usage", ["usage.recorded"])
+    got = await collector(bus, "usage", ["usage.recorded"])
     events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(10)]
     events[3] = Event.new(APIKEY_REVOKED, "auth", {"n": 3})  # no queue binds it
     await _record(any_db, events)
@@ -199,7 +181,7 @@ async def test_a_stopped_relay_marks_what_was_confirmed(any_db: Database, bus_ki
     marked sent (not published again), the hanging one stays pending."""
     await any_db.create_all(outbox_metadata)
     bus = await _counting_bus(bus_kit, [QueueSpec("usage", ("usage.recorded",))])
-    got = await _collector(bus, "usage", ["usage.recorded"])
+    got = await collector(bus, "usage", ["usage.recorded"])
     events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(8)]
     bus.hold.add(events[4].id)
     await _record(any_db, events)
@@ -224,7 +206,7 @@ async def test_recorded_events_still_flow_through_a_running_relay(
     """Commits wake the pipelined relay; many small transactions all get out once."""
     await any_db.create_all(outbox_metadata)
     bus = await _counting_bus(bus_kit, [QueueSpec("flow", ("#",))])
-    got = await _collector(bus, "flow", ["#"])
+    got = await collector(bus, "flow", ["#"])
     relay = OutboxRelay(any_db, bus, name="flow")
     await relay.start()
     try:
