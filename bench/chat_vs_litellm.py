@@ -331,7 +331,8 @@ class Platform:
     mock_url: str
     db: str = "sqlite"
     log_level: str = "WARNING"
-    uvloop: bool = False
+    #: False: the gateway and the services on asyncio's own loop (to show what uvloop buys)
+    uvloop: bool = True
     namespace: str = field(default_factory=lambda: f"benchchat-{uuid.uuid4().hex[:10]}")
     master: str = field(default_factory=lambda: "mk-bench-" + secrets.token_hex(16))
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-chat-")))
@@ -389,6 +390,7 @@ class Platform:
                 "PROVIDERS_FILE": str(providers),
                 "GATEWAY_ROUTES_FILE": str(routes),
                 "LOG_LEVEL": self.log_level,
+                "SERVICE_UVLOOP": "true" if self.uvloop else "false",
                 MOCK_KEY_ENV: "sk-mock-upstream",
                 "AIAGG_DATA_DIR": str(self.work),
             }
@@ -408,8 +410,8 @@ class Platform:
             "GATEWAY_PORT": str(self.ports["gateway"]),
             "GATEWAY_ADMIN_PORT": str(self.admin_port),
         }
-        if self.uvloop:
-            env["GATEWAY_UVLOOP"] = "1"
+        if not self.uvloop:
+            env["GATEWAY_UVLOOP"] = "false"
         log = self.work / "gateway.log"
         self.procs["gateway"] = spawn([PY, "-m", "gateway"], env, log)
         wait_ready(self.procs["gateway"], self.ports["gateway"], "gateway", log=log)
@@ -733,7 +735,11 @@ def main() -> None:
     ap.add_argument("--no-stream", action="store_true", help="skip the streamed variant")
     ap.add_argument("--stream-only", action="store_true", help="only the streamed variant")
     ap.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    ap.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop")
+    ap.add_argument(
+        "--asyncio-loop",
+        action="store_true",
+        help="run the gateway and the services on asyncio's loop instead of uvloop",
+    )
     ap.add_argument("--log-level", default="WARNING", help="LOG_LEVEL of the services")
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
@@ -753,7 +759,9 @@ def main() -> None:
     )
     wait_ready(mock, mock_port, "openai_mock")
     mock_url = f"http://127.0.0.1:{mock_port}"
-    platform = Platform(mock_url, db=args.db, log_level=args.log_level, uvloop=args.uvloop)
+    platform = Platform(
+        mock_url, db=args.db, log_level=args.log_level, uvloop=not args.asyncio_loop
+    )
     lite: LiteLLM | None = None
     broker = broker_pid()
     rows: list[Row] = []

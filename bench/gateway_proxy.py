@@ -90,10 +90,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--connections", type=int, default=50)
-    ap.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop")
     args = ap.parse_args()
 
-    up_port, bare_port, gw_port, admin_port, nginx_port = (free_port() for _ in range(5))
+    up_port, bare_port, gw_port, admin_port, nginx_port, gw2_port, admin2_port = (
+        free_port() for _ in range(7)
+    )
     upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
     bare = start(
         [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{up_port}"], port=bare_port
@@ -107,18 +108,24 @@ def main() -> None:
         "GATEWAY_ADMIN_PORT": str(admin_port),
     }
     gateway_cmd = [PY, "-m", "gateway"]
-    if args.uvloop:
-        env["GATEWAY_UVLOOP"] = "1"
-    gateway = start(gateway_cmd, env=env, port=gw_port)
+    gateway = start(gateway_cmd, env=env, port=gw_port)  # the default: on uvloop
+    plain_env = env | {
+        "GATEWAY_UVLOOP": "false",
+        "GATEWAY_PORT": str(gw2_port),
+        "GATEWAY_ADMIN_PORT": str(admin2_port),
+    }
+    gateway_asyncio = start(gateway_cmd, env=plain_env, port=gw2_port)
     nginx = start_nginx(nginx_port, up_port)
     contenders = [("direct to upstream", up_port, upstream)]
     if nginx is not None:
         contenders.append(("nginx 1 worker, keepalive 64", nginx_port, nginx))
     contenders += [
         ("30-line aiohttp proxy", bare_port, bare),
-        ("gateway (full policy chain)", gw_port, gateway),
+        ("gateway, asyncio's loop", gw2_port, gateway_asyncio),
+        ("gateway (full policy chain, uvloop)", gw_port, gateway),
     ]
     rows = []
+    measured: dict[str, tuple[float, float]] = {}
     tool = ""
     try:
         for name, port, proc in contenders:
@@ -129,6 +136,7 @@ def main() -> None:
             result, tool = load(url, args.connections, args.seconds)
             cpu = cpu_seconds(pid) - cpu0
             per_req_us = cpu / max(result.requests, 1) * 1e6
+            measured[name] = (result.rps, per_req_us)
             rows.append(
                 [
                     name,
@@ -141,10 +149,18 @@ def main() -> None:
             )
             time.sleep(0.5)
     finally:
-        stop(*(p for p in (gateway, bare, upstream, nginx) if p is not None))
+        stop(*(p for p in (gateway, gateway_asyncio, bare, upstream, nginx) if p is not None))
     print(f"# gateway vs bare proxy vs direct — {machine_line()}")
     print(f"# load: {tool}, {args.connections} connections, {args.seconds}s, small GET, loopback")
     print(table(["path", "req/s", "p50", "p99", "CPU per request", "errors"], rows))
+    gw_rps, gw_cpu = measured["gateway (full policy chain, uvloop)"]
+    bare_rps, _ = measured["30-line aiohttp proxy"]
+    verdict = lambda ok: "MET" if ok else "NOT met"  # noqa: E731
+    print(
+        f"gateway req/s / 30-line proxy req/s = {gw_rps / bare_rps:.2f}x "
+        f"(target >= 1: {verdict(gw_rps >= bare_rps)}); gateway CPU per request "
+        f"{gw_cpu:.0f} µs (target <= 80 µs: {verdict(gw_cpu <= 80)})"
+    )
 
 
 if __name__ == "__main__":

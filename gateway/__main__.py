@@ -23,9 +23,13 @@ def main() -> int:
         try:
             import uvloop
         except ImportError:
-            print("gateway: GATEWAY_UVLOOP is set but uvloop is not installed", file=sys.stderr)
-            return 2
-        runner = uvloop.run
+            print(
+                "gateway: uvloop is not installed; running on asyncio's loop "
+                "(pip install uvloop, or set GATEWAY_UVLOOP=false to silence this)",
+                file=sys.stderr,
+            )
+        else:
+            runner = uvloop.run
     try:
         runner(serve(settings))
     except ConfigError as exc:

@@ -16,7 +16,7 @@ class GatewaySettings(BaseSettings):
     admin_port: int = 9901
     admin_token: str | None = Field(default=None, description="GATEWAY_ADMIN_TOKEN")
     access_log: bool = True
-    uvloop: bool = False
+    uvloop: bool = True  # uvloop's event loop (a dependency); false: asyncio's own
     gc_tune: bool = True  # freeze start-up objects, collect the young generation less often
     # Parser-level ceilings; the per-route limits in routes.yaml are checked below these.
     max_line_size: int = 16 * 1024
