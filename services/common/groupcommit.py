@@ -48,6 +48,8 @@ class GroupCommitClosed(RuntimeError):
 class Batcher(Generic[I, R]):
     """Queue of items, one worker, batches with a one-by-one fallback (module doc).
 
+    ``linger``: seconds the worker waits, once work is there, for more to arrive (0:
+    none; for work nobody waits on interactively, such as event consumption).
     ``reopen``: whether :meth:`submit` after :meth:`close` starts a new worker (True)
     or raises ``closed_error`` (False).
     """
@@ -59,6 +61,7 @@ class Batcher(Generic[I, R]):
         run_one: Callable[[I], Awaitable[R]],
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        linger: float = 0.0,
         reopen: bool = True,
         closed_error: type[Exception] = GroupCommitClosed,
     ) -> None:
@@ -66,6 +69,7 @@ class Batcher(Generic[I, R]):
             raise ValueError("max_batch must be at least 1")
         self.name = name
         self.max_batch = max_batch
+        self.linger = linger
         self._run_batch_fn = run_batch
         self._run_one = run_one
         self._reopen = reopen
@@ -141,6 +145,8 @@ class Batcher(Generic[I, R]):
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            if self.linger and len(self._queue) < self.max_batch:
+                await asyncio.sleep(self.linger)  # let more arrive: a larger batch
             batch: list[tuple[I, asyncio.Future[R]]] = []
             while self._queue and len(batch) < self.max_batch:
                 entry = self._queue.popleft()

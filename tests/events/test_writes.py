@@ -97,3 +97,35 @@ async def test_close_fails_what_is_queued(sqlite_db: Database) -> None:
     assert await _names(sqlite_db) == []
     # the writer starts again on the next use
     assert await sqlite_db.writes.run(_insert("again", 1)) == "again:1"
+
+
+async def test_linger_gathers_work_that_trickles_in_into_one_batch(sqlite_db: Database) -> None:
+    """Deliveries arrive a little apart (as from a broker); without a linger each one
+    is a transaction of its own, with one they share a transaction."""
+    from services.common.groupcommit import Batcher
+
+    await sqlite_db.create_all(rows.metadata)
+
+    async def run_batch(units):
+        async with sqlite_db.transaction() as session:
+            return [await unit(session) for unit in units]
+
+    async def run_one(unit):
+        async with sqlite_db.transaction() as session:
+            return await unit(session)
+
+    async def trickle(batcher: Batcher, prefix: str) -> None:
+        tasks = []
+        for i in range(10):
+            tasks.append(asyncio.create_task(batcher.submit(_insert(f"{prefix}{i}", i))))
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+
+    eager = Batcher("eager", run_batch, run_one)
+    patient = Batcher("patient", run_batch, run_one, linger=0.05)
+    await trickle(eager, "e")
+    await trickle(patient, "p")
+    assert eager.batches >= 5  # each arrival found the worker idle or nearly
+    assert patient.batches == 1 and patient.items == 10
+    await eager.close()
+    await patient.close()

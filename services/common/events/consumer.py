@@ -124,6 +124,7 @@ class Consumer:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         batch_handler: BatchHandler | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.db = db
         self.name = name
@@ -134,6 +135,7 @@ class Consumer:
             self._commit_batch,
             self._run_alone,
             max_batch=max_batch,
+            linger=linger,
             reopen=False,
             closed_error=ConsumerClosed,
         )
@@ -194,7 +196,12 @@ async def subscribe(
     Call ``await consumer.close()`` at shutdown, after the bus stopped delivering.
     """
     wrapped = Consumer(
-        db, consumer or queue, handler, max_batch=max_batch, batch_handler=batch_handler
+        db,
+        consumer or queue,
+        handler,
+        max_batch=max_batch,
+        batch_handler=batch_handler,
+        linger=bus.settings.events_consumer_linger,
     )
     await bus.subscribe(queue, bindings, wrapped)
     return wrapped

@@ -296,7 +296,8 @@ class OutboxRelay:
         if not sent and failed is None:
             return
         now = datetime.now(UTC)
-        async with self.db.transaction() as session:
+
+        async def mark(session: DbSession) -> None:
             if sent:
                 await session.execute(
                     update(event_outbox).where(event_outbox.c.id.in_(sent)).values(sent_at=now)
@@ -307,6 +308,9 @@ class OutboxRelay:
                     .where(event_outbox.c.id == failed[0])
                     .values(attempts=event_outbox.c.attempts + 1, last_error=failed[1])
                 )
+
+        # shares a transaction with the request path's writes (group commit)
+        await self.db.writes.run(mark)
         if sent:
             OUTBOX_RELAYED.labels(outbox=self.name).inc(len(sent))
 
