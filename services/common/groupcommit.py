@@ -22,6 +22,7 @@ consumers (:class:`services.common.events.consumer.Consumer`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,8 +49,9 @@ class GroupCommitClosed(RuntimeError):
 class Batcher(Generic[I, R]):
     """Queue of items, one worker, batches with a one-by-one fallback (module doc).
 
-    ``linger``: seconds the worker waits, once work is there, for more to arrive (0:
-    none; for work nobody waits on interactively, such as event consumption).
+    ``linger``: seconds the worker waits, once work is there, for more to arrive, or
+    until ``max_batch`` items are queued (0: none; for work nobody waits on
+    interactively, such as event consumption).
     ``reopen``: whether :meth:`submit` after :meth:`close` starts a new worker (True)
     or raises ``closed_error`` (False).
     """
@@ -77,6 +79,7 @@ class Batcher(Generic[I, R]):
         self._queue: deque[tuple[I, asyncio.Future[R]]] = deque()
         self._running: list[tuple[I, asyncio.Future[R]]] = []
         self._wake: asyncio.Event | None = None
+        self._full: asyncio.Event | None = None  # a full batch is waiting: stop lingering
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         #: committed batches and items, for tests and metrics
@@ -93,8 +96,10 @@ class Batcher(Generic[I, R]):
             self._start_worker(loop)
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, future))
-        assert self._wake is not None
+        assert self._wake is not None and self._full is not None
         self._wake.set()
+        if len(self._queue) >= self.max_batch:
+            self._full.set()
         # a cancelled caller cancels the future: the worker skips the item, or, if its
         # batch already runs, commits it without anybody waiting for the answer
         return await future
@@ -113,6 +118,7 @@ class Batcher(Generic[I, R]):
 
     def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wake = asyncio.Event()
+        self._full = asyncio.Event()
         worker = loop.create_task(self._work(), name=f"batcher:{self.name}")
         worker.add_done_callback(self._worker_done)
         self._worker = worker
@@ -140,13 +146,17 @@ class Batcher(Generic[I, R]):
                 )
 
     async def _work(self) -> None:
-        assert self._wake is not None
+        assert self._wake is not None and self._full is not None
         while True:
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
             if self.linger and len(self._queue) < self.max_batch:
-                await asyncio.sleep(self.linger)  # let more arrive: a larger batch
+                # let more arrive (a larger batch), but no longer than a full batch takes
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.linger):
+                        await self._full.wait()
             batch: list[tuple[I, asyncio.Future[R]]] = []
             while self._queue and len(batch) < self.max_batch:
                 entry = self._queue.popleft()

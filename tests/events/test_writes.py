@@ -129,3 +129,29 @@ async def test_linger_gathers_work_that_trickles_in_into_one_batch(sqlite_db: Da
     assert patient.batches == 1 and patient.items == 10
     await eager.close()
     await patient.close()
+
+
+async def test_a_full_batch_does_not_wait_for_the_linger(sqlite_db: Database) -> None:
+    """Lingering is for a trickle; a consumer whose prefetch-worth of deliveries is
+    already queued (a backlog) must not sleep on it, or the linger caps throughput."""
+    from services.common.groupcommit import Batcher
+
+    await sqlite_db.create_all(rows.metadata)
+
+    async def run_batch(units):
+        async with sqlite_db.transaction() as session:
+            return [await unit(session) for unit in units]
+
+    async def run_one(unit):
+        async with sqlite_db.transaction() as session:
+            return await unit(session)
+
+    batcher = Batcher("backlog", run_batch, run_one, max_batch=5, linger=30.0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(_insert(f"f{i}", i)) for i in range(5))), 5
+    )
+    assert loop.time() - began < 1.0
+    assert batcher.batches == 1
+    await batcher.close()

@@ -188,13 +188,15 @@ async def subscribe(
     handler: SessionHandler,
     *,
     consumer: str | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
+    max_batch: int | None = None,
     batch_handler: BatchHandler | None = None,
 ) -> Consumer:
     """Consume ``queue`` with an idempotent ``handler(event, session)``; returns the Consumer.
 
     Call ``await consumer.close()`` at shutdown, after the bus stopped delivering.
     """
+    if max_batch is None:  # the broker never has more than prefetch out: a full batch
+        max_batch = min(DEFAULT_MAX_BATCH, bus.settings.amqp_prefetch)
     wrapped = Consumer(
         db,
         consumer or queue,
