@@ -414,7 +414,8 @@ class RabbitBus(EventBus):
         amqp_queue = await self._declare_queue(sub.queue, sub.bindings)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            self._channel_acks(message.channel).delivered(message.delivery_tag)
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):  # closed: it comes back anyway
+                self._channel_acks(message.channel).delivered(message.delivery_tag)
             task = asyncio.current_task()
             if task is not None:
                 self._inflight.add(task)
@@ -484,7 +485,10 @@ class RabbitBus(EventBus):
     def _ack(self, message: AbstractIncomingMessage) -> None:
         """Ack once this loop turn ends, coalesced with the other deliveries of the
         channel that finished in the same turn (see :mod:`.acks`)."""
-        channel = message.channel
+        try:
+            channel = message.channel
+        except CONNECTION_EXCEPTIONS:
+            return  # the channel is gone: the broker redelivers, the consumer dedupes
         acks = self._channel_acks(channel)
         acks.want_ack(message.delivery_tag, message)
         if not acks.flush_scheduled:
