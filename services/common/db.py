@@ -194,7 +194,7 @@ class Database:
             self.async_engine = create_async_engine(self.url, **kwargs)
             self.dialect = self.async_engine.dialect
         #: the group-commit writer: ``await db.writes.run(unit)`` (see :mod:`.groupcommit`)
-        self.writes = GroupCommit(self)
+        self.writes = GroupCommit(self.transaction, name=f"group commit of {self!r}")
 
     @property
     def is_sqlite(self) -> bool:

@@ -26,17 +26,16 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .db import Database, DbSession
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("aiagg.db")
 
 I = TypeVar("I")  # noqa: E741 - the item type
 R = TypeVar("R")
 T = TypeVar("T")
-Unit = Callable[["DbSession"], Awaitable[T]]
+#: a piece of work on an open transaction's session (a ``DbSession`` in the services)
+Unit = Callable[[Any], Awaitable[T]]
 
 #: most units one transaction takes; bounds the time one batch holds the write lock
 DEFAULT_MAX_BATCH = 64
@@ -199,12 +198,22 @@ class Batcher(Generic[I, R]):
 
 
 class GroupCommit:
-    """The group-commit writer of one database: ``await db.writes.run(unit)``."""
+    """The group-commit writer of one database: ``await db.writes.run(unit)``.
 
-    def __init__(self, db: Database, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
-        self.db = db
+    ``transaction()`` opens one write transaction (``Database.transaction``); kept as
+    a callable so this module does not depend on the database layer.
+    """
+
+    def __init__(
+        self,
+        transaction: Callable[[], AbstractAsyncContextManager[Any]],
+        *,
+        name: str = "group commit",
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        self._transaction = transaction
         self._batcher: Batcher[Unit[Any], Any] = Batcher(
-            f"group commit of {db!r}", self._run_batch, self._run_one, max_batch=max_batch
+            name, self._run_batch, self._run_one, max_batch=max_batch
         )
 
     @property
@@ -223,11 +232,11 @@ class GroupCommit:
         await self._batcher.close()
 
     async def _run_batch(self, units: list[Unit[Any]]) -> list[Any]:
-        async with self.db.transaction() as session:
+        async with self._transaction() as session:
             return [await unit(session) for unit in units]
 
     async def _run_one(self, unit: Unit[Any]) -> Any:
-        async with self.db.transaction() as session:
+        async with self._transaction() as session:
             return await unit(session)
 
 
