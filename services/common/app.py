@@ -414,6 +414,7 @@ def run_service(build: Callable[[S], web.Application], settings: S) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     app = build(settings)
+    lower_priority(settings)
     if settings.gc_tune:
 
         async def _tune_gc(_: web.Application) -> None:  # after the start-up allocations
@@ -433,6 +434,16 @@ def run_service(build: Callable[[S], web.Application], settings: S) -> None:
         shutdown_timeout=10,
         loop=_new_loop(settings),
     )
+
+
+def lower_priority(settings: ServiceSettings) -> None:
+    """Add ``settings.nice`` to this process's niceness (analytics: 5 by default).
+
+    Measured on two cores at c=50: analytics at nice 5 gave the chat path 10-15 % more
+    req/s and a lower p99; analytics still keeps up (it batches more when it runs).
+    """
+    if settings.nice:
+        os.nice(settings.nice)
 
 
 def _new_loop(settings: ServiceSettings) -> asyncio.AbstractEventLoop | None:

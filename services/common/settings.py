@@ -81,6 +81,8 @@ class ServiceSettings(BaseSettings):
     uvloop: bool = Field(True, validation_alias="SERVICE_UVLOOP")
     #: freeze start-up objects and collect the young generation less often (the p99)
     gc_tune: bool = Field(True, validation_alias="SERVICE_GC_TUNE")
+    #: CPU niceness added at start (0-19): background work yields to the request path
+    nice: int = Field(0, validation_alias="SERVICE_NICE", ge=0, le=19)
 
     @field_validator("port")
     @classmethod

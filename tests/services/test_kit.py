@@ -325,3 +325,24 @@ def test_services_run_on_uvloop_unless_told_not_to() -> None:
         assert loop is not None
         loop.close()
     assert _new_loop(ServiceSettings(SERVICE_UVLOOP=False)) is None
+
+
+def test_analytics_runs_at_a_lower_cpu_priority_by_default() -> None:
+    """Background work yields the CPU to the request path (ANALYTICS_NICE, default 5);
+    the other services keep their priority unless SERVICE_NICE says otherwise."""
+    import subprocess
+    import sys
+
+    from services.analytics.settings import AnalyticsSettings
+    from services.billing.settings import BillingSettings
+
+    assert AnalyticsSettings().nice == 5 and BillingSettings().nice == 0
+    code = (
+        "import os; from services.analytics.settings import AnalyticsSettings; "
+        "from services.common.app import lower_priority; before = os.nice(0); "
+        "lower_priority(AnalyticsSettings()); print(os.nice(0) - before)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert out.stdout.strip() == "5"
