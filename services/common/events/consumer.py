@@ -10,13 +10,15 @@ primary key and then sees the row; on SQLite the write transaction is exclusive.
 Group commit. A transaction costs far more CPU (BEGIN, COMMIT, pool checkout, fsync)
 than the statements of a typical handler, and the buses call a handler for up to
 ``prefetch`` deliveries at once. So :class:`Consumer` does not open a transaction per
-delivery: each call queues ``(event, future)`` and waits; one worker task per consumer
-takes everything queued (at most ``max_batch``) and runs it in *one* transaction: one
+delivery: each call queues the event and waits; one worker per consumer (the shared
+:class:`~services.common.groupcommit.Batcher`) takes everything queued (at most
+``max_batch``, by default the prefetch) and runs it in *one* transaction: one
 multi-row inbox INSERT (``ON CONFLICT DO NOTHING RETURNING event_id``) says which
-events are new, then each new event's handler runs on the shared session. Only after
-the commit are the futures resolved, so every delivery is still acked after its effect
-is durable. Batching is natural (no timer): an idle worker runs a lone event at once,
-and what arrives while a batch runs forms the next one.
+events are new, then each new event's handler runs on the shared session (or the
+batch handler once, for all of them). Only after the commit are the waiting calls
+answered, so every delivery is still acked after its effect is durable. Before a batch
+the worker lingers ``EVENTS_CONSUMER_LINGER`` (10 ms) for more deliveries, unless a
+full batch is already queued.
 
 If anything in a batch fails (a handler, the database, the commit), the whole batch
 rolled back and each of its events runs again alone through ``run_handler``, so one
