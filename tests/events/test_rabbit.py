@@ -155,8 +155,12 @@ async def test_publish_fails_fast_while_the_broker_is_away_and_recovers(
     await eventually(lambda: bus.connected, within=10, what="reconnection")
     await eventually(lambda: _count(bus.queue_depth("late-joiner"), 0), what="late queue")
     await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 3}))
-    await eventually(lambda: len(got) == 2, within=10, what="delivery after reconnection")
-    assert got[1].data == {"n": 3}  # the consumer was restored too
+    await eventually(
+        lambda: any(e.data == {"n": 3} for e in got), within=10, what="delivery after reconnection"
+    )
+    # the consumer was restored too; n=1 may come again (at least once: its ack can be
+    # lost with the connection), n=2 was never published
+    assert {e.data["n"] for e in got} == {1, 3}
     await eventually(lambda: len(late) == 1, within=10, what="the late joiner's delivery")
 
 
