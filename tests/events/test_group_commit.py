@@ -346,3 +346,31 @@ async def _dlq_is(bus, queue: str, n: int) -> bool:
 
 async def _marked_is(db: Database, consumer: str, ids: list[str]) -> bool:
     return sorted(await _marked(db, consumer)) == ids
+
+
+async def test_consumer_batches_share_the_request_paths_single_writer(pg_db: Database) -> None:
+    """On PostgreSQL two transactions of one process could lock rows in opposite orders
+    (a batch of reservations, a batch of charges) and deadlock. The consumer commits
+    through ``db.writes``, the process's one writer: while a request-path unit holds its
+    transaction, a consumer batch waits for it instead of running beside it."""
+    await pg_db.create_all(effects_metadata, outbox_metadata)
+    recorder = Recorder()
+    consumer = Consumer(pg_db, "single-writer", recorder)
+    gate = asyncio.Event()
+
+    async def request_unit(session: DbSession) -> str:
+        await session.execute(insert(effects).values(event_id="request"))
+        await gate.wait()  # the request's transaction stays open
+        return "done"
+
+    request = asyncio.create_task(pg_db.writes.run(request_unit))
+    await asyncio.sleep(0.05)
+    deliveries = [asyncio.create_task(consumer(e)) for e in _events(3)]
+    await asyncio.sleep(0.3)
+    assert recorder.runs == []  # queued behind the open transaction, not beside it
+    gate.set()
+    assert await request == "done"
+    await asyncio.wait_for(asyncio.gather(*deliveries), 5)
+    assert len(recorder.runs) == 3
+    assert sorted(await _effects(pg_db)) == sorted(["request", *recorder.runs])
+    await consumer.close()

@@ -158,10 +158,17 @@ class Consumer:
         return await run_handler(self.db, self.name, event, self.handler)
 
     async def _commit_batch(self, events: list[Event]) -> list[bool]:
-        """Mark and handle ``events`` in one transaction; per event, whether it ran."""
-        ran: list[bool] = []
-        fresh: list[Event] = []
-        async with self.db.transaction() as session:
+        """Mark and handle ``events`` in one transaction; per event, whether it ran.
+
+        The transaction is the database's group commit (``db.writes``), shared with the
+        request path's writes of the moment: one writer per process, so a batch of
+        charges and a batch of reservations never lock the same rows in opposite orders
+        (a deadlock on PostgreSQL), and on SQLite they share a commit.
+        """
+
+        async def unit(session: DbSession) -> list[bool]:
+            ran: list[bool] = []
+            fresh: list[Event] = []
             new = await mark_many_processed(session, self.name, [e.id for e in events])
             for event in events:
                 if event.id in new:
@@ -176,6 +183,9 @@ class Consumer:
             else:
                 for event in fresh:
                     await self.handler(event, session)
+            return ran
+
+        ran = await self.db.writes.run(unit)
         duplicates = ran.count(False)
         if duplicates:  # counted after the commit: a rolled-back batch is re-run alone
             DUPLICATES.labels(consumer=self.name).inc(duplicates)
