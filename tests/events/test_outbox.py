@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
@@ -13,12 +14,14 @@ from services.common.events import (
     TRANSACTION_CREATED,
     USAGE_RECORDED,
     Event,
+    InProcessBus,
     OutboxRelay,
     QueueSpec,
     event_outbox,
     outbox_metadata,
     record,
 )
+from services.common.events import processed_events as inbox
 from services.common.events.consumer import subscribe
 from tests.support import TcpRelay
 
@@ -212,3 +215,38 @@ async def test_consumer_effect_and_its_own_event_commit_together(
         assert audit[0].source == "billing"
     finally:
         await relay.close()
+
+
+async def test_old_outbox_rows_and_inbox_marks_are_purged(any_db: Database) -> None:
+    """Both tables stop growing: what was sent (outbox) or processed (inbox) longer ago
+    than the retention is deleted; pending rows and recent marks stay."""
+    await any_db.create_all(outbox_metadata)
+    old = datetime.now(UTC) - timedelta(days=10)
+    new = datetime.now(UTC)
+    async with any_db.transaction() as session:
+        for i, (sent_at, created) in enumerate([(old, old), (new, new), (None, old)]):
+            await session.execute(
+                insert(event_outbox).values(
+                    event_id=f"e{i}", type="t", source="s", payload="{}",
+                    created_at=created, sent_at=sent_at, attempts=0,
+                )
+            )
+        await session.execute(
+            insert(inbox),
+            [
+                {"consumer": "c", "event_id": "old", "processed_at": old},
+                {"consumer": "c", "event_id": "new", "processed_at": new},
+            ],
+        )
+    relay = OutboxRelay(any_db, InProcessBus(test_settings()), name="purge")
+    try:
+        assert await relay.purge_sent(7 * 86400) == 1
+        assert await relay.purge_processed(7 * 86400) == 1
+    finally:
+        await relay.close()
+    async with any_db.session() as session:
+        left = (await session.execute(select(event_outbox.c.event_id))).scalars().all()
+        marks = (await session.execute(select(inbox.c.event_id))).scalars().all()
+        assert await session.scalar(select(func.count()).select_from(inbox)) == 1
+    assert sorted(left) == ["e1", "e2"]  # the recent sent one and the pending one
+    assert marks == ["new"]

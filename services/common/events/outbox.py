@@ -325,6 +325,22 @@ class OutboxRelay:
             )
             return int(result.rowcount or 0)
 
+    async def purge_processed(self, older_than: float) -> int:
+        """Delete consumers' inbox marks older than ``older_than`` seconds; how many.
+
+        The inbox dedupes redeliveries, which come within seconds or minutes; a mark
+        kept for the retention (7 days by default) covers them, and the table stops
+        growing with every event ever consumed. The services' effects also carry their
+        own unique keys (billing: one charge per request id; analytics: one row per
+        event id), so even a redelivery after the retention changes nothing.
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+        async with self.db.transaction() as session:
+            result = await session.execute(
+                delete(processed_events).where(processed_events.c.processed_at < cutoff)
+            )
+            return int(result.rowcount or 0)
+
     def _backoff(self) -> float:
         s = self.settings
         ceiling = min(
@@ -376,8 +392,9 @@ class OutboxRelay:
                 self._last_purge = loop.time()
                 try:
                     await self.purge_sent(retention)
+                    await self.purge_processed(retention)
                 except Exception:
-                    log.exception("outbox %s: purge of sent rows failed", self.name)
+                    log.exception("outbox %s: purge of old rows failed", self.name)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.events_outbox_poll_interval):
                     await self._wake.wait()

@@ -78,7 +78,8 @@ class EventSettings(BaseSettings):
     #: the relay's back-off after broker trouble: first pause and cap (jittered)
     events_outbox_backoff_initial: Duration = 0.5
     events_outbox_backoff_max: Duration = 30.0
-    #: sent outbox rows older than this are deleted (0 keeps them forever)
+    #: sent outbox rows and consumers' inbox marks older than this are deleted, hourly
+    #: (0 keeps them forever)
     events_outbox_retention: Duration = 7 * 86400.0
 
     @field_validator(
