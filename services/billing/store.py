@@ -19,9 +19,10 @@ it is larger than its hold or than the balance: the balance may then go negative
 (the user owes it, and further reservations are refused until a top-up).
 
 Concurrency: every operation that moves money first locks the user's account row
-(``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite the whole write transaction is
-``BEGIN IMMEDIATE``), so operations of one user are serialised and checks made
-after the lock see every earlier commit. Lock order is always account, then hold.
+(``SELECT ... FOR UPDATE``, or for a reservation the conditional ``UPDATE`` that takes
+the amount, on PostgreSQL; on SQLite the whole write transaction is ``BEGIN
+IMMEDIATE``), so operations of one user are serialised and checks made after the lock
+see every earlier commit. Lock order is always account, then hold.
 """
 
 from __future__ import annotations
