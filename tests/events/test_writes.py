@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
 
 from services.common.db import Database, DbSession
-from services.common.groupcommit import GroupCommitClosed
+from services.common.groupcommit import Batcher, GroupCommitClosed
 
 rows = Table(
     "gc_rows",
@@ -24,6 +25,20 @@ def _insert(name: str, value: int):
         return f"{name}:{value}"
 
     return unit
+
+
+def _batcher(db: Database, name: str, **options: Any) -> Batcher:
+    """A Batcher that runs units in ``db``'s transactions, as ``db.writes`` does."""
+
+    async def run_batch(units):
+        async with db.transaction() as session:
+            return [await unit(session) for unit in units]
+
+    async def run_one(unit):
+        async with db.transaction() as session:
+            return await unit(session)
+
+    return Batcher(name, run_batch, run_one, **options)
 
 
 async def _names(db: Database) -> list[str]:
@@ -102,17 +117,7 @@ async def test_close_fails_what_is_queued(sqlite_db: Database) -> None:
 async def test_linger_gathers_work_that_trickles_in_into_one_batch(sqlite_db: Database) -> None:
     """Deliveries arrive a little apart (as from a broker); without a linger each one
     is a transaction of its own, with one they share a transaction."""
-    from services.common.groupcommit import Batcher
-
     await sqlite_db.create_all(rows.metadata)
-
-    async def run_batch(units):
-        async with sqlite_db.transaction() as session:
-            return [await unit(session) for unit in units]
-
-    async def run_one(unit):
-        async with sqlite_db.transaction() as session:
-            return await unit(session)
 
     async def trickle(batcher: Batcher, prefix: str) -> None:
         tasks = []
@@ -121,8 +126,8 @@ async def test_linger_gathers_work_that_trickles_in_into_one_batch(sqlite_db: Da
             await asyncio.sleep(0.002)
         await asyncio.gather(*tasks)
 
-    eager = Batcher("eager", run_batch, run_one)
-    patient = Batcher("patient", run_batch, run_one, linger=0.05)
+    eager = _batcher(sqlite_db, "eager")
+    patient = _batcher(sqlite_db, "patient", linger=0.05)
     await trickle(eager, "e")
     await trickle(patient, "p")
     assert eager.batches >= 5  # each arrival found the worker idle or nearly
@@ -134,19 +139,9 @@ async def test_linger_gathers_work_that_trickles_in_into_one_batch(sqlite_db: Da
 async def test_a_full_batch_does_not_wait_for_the_linger(sqlite_db: Database) -> None:
     """Lingering is for a trickle; a consumer whose prefetch-worth of deliveries is
     already queued (a backlog) must not sleep on it, or the linger caps throughput."""
-    from services.common.groupcommit import Batcher
-
     await sqlite_db.create_all(rows.metadata)
 
-    async def run_batch(units):
-        async with sqlite_db.transaction() as session:
-            return [await unit(session) for unit in units]
-
-    async def run_one(unit):
-        async with sqlite_db.transaction() as session:
-            return await unit(session)
-
-    batcher = Batcher("backlog", run_batch, run_one, max_batch=5, linger=30.0)
+    batcher = _batcher(sqlite_db, "backlog", max_batch=5, linger=30.0)
     loop = asyncio.get_running_loop()
     began = loop.time()
     await asyncio.wait_for(
