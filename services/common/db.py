@@ -106,6 +106,7 @@ class InsertIgnore:
             ),
             "sqlite": sqlite.insert(table).on_conflict_do_nothing(index_elements=elements),
         }
+        self._returning: dict[tuple[str, str], Any] = {}
 
     async def run(self, session: DbSession, values: Mapping[str, Any]) -> bool:
         """Insert ``values``; False (nothing written) when the row already exists."""
@@ -116,6 +117,20 @@ class InsertIgnore:
         """Insert every row that does not exist yet, in one multi-row statement."""
         if rows:
             await session.execute(self._statements[session.dialect.name], list(rows))
+
+    async def run_returning(
+        self, session: DbSession, column: str, rows: Sequence[Mapping[str, Any]]
+    ) -> set[Any]:
+        """Like :meth:`run_many`; returns ``column`` of the rows actually inserted."""
+        if not rows:
+            return set()
+        key = (session.dialect.name, column)
+        statement = self._returning.get(key)
+        if statement is None:
+            base = self._statements[session.dialect.name]
+            statement = self._returning[key] = base.returning(base.table.c[column])
+        result = await session.execute(statement, list(rows))
+        return set(result.scalars().all())
 
 
 def default_sqlite_url(service_name: str, data_dir: str | Path = "var") -> str:

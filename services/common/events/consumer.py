@@ -32,9 +32,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy.dialects import postgresql, sqlite
-
-from ..db import Database, DbSession
+from ..db import Database, DbSession, InsertIgnore
 from ..groupcommit import Batcher
 from .bus import EventBus
 from .envelope import Event
@@ -47,31 +45,15 @@ BatchHandler = Callable[[list[Event], DbSession], Awaitable[None]]
 #: most events one group-commit transaction takes (the buses' prefetch bounds it too)
 DEFAULT_MAX_BATCH = 200
 
-#: the inbox INSERT per dialect, built once; the values go as parameters
-_MARK_PROCESSED = {
-    "postgresql": postgresql.insert(processed_events).on_conflict_do_nothing(),
-    "sqlite": sqlite.insert(processed_events).on_conflict_do_nothing(),
-}
-#: the same for a batch: one multi-row INSERT that returns the ids it inserted
-_MARK_MANY = {
-    name: stmt.returning(processed_events.c.event_id) for name, stmt in _MARK_PROCESSED.items()
-}
-
-
-def _dialect(session: DbSession) -> str:
-    dialect = session.get_bind().dialect.name
-    if dialect not in _MARK_PROCESSED:  # pragma: no cover - Database only builds these two
-        raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    return dialect
+#: the inbox INSERT (ON CONFLICT DO NOTHING), built once; the values go as parameters
+_MARK = InsertIgnore(processed_events)
 
 
 async def mark_processed(session: DbSession, consumer: str, event_id: str) -> bool:
     """Insert the inbox row; False when this consumer has already processed the event."""
-    result = await session.execute(
-        _MARK_PROCESSED[_dialect(session)],
-        {"consumer": consumer, "event_id": event_id, "processed_at": datetime.now(UTC)},
+    return await _MARK.run(
+        session, {"consumer": consumer, "event_id": event_id, "processed_at": datetime.now(UTC)}
     )
-    return bool(result.rowcount)
 
 
 async def mark_many_processed(
@@ -82,15 +64,12 @@ async def mark_many_processed(
     The ids are deduplicated and sorted, so two processes marking overlapping batches
     on PostgreSQL lock the keys in the same order (no deadlock between them).
     """
-    unique = sorted(set(event_ids))
-    if not unique:
-        return set()
     now = datetime.now(UTC)
-    result = await session.execute(
-        _MARK_MANY[_dialect(session)],
-        [{"consumer": consumer, "event_id": i, "processed_at": now} for i in unique],
-    )
-    return set(result.scalars().all())
+    rows = [
+        {"consumer": consumer, "event_id": i, "processed_at": now}
+        for i in sorted(set(event_ids))
+    ]
+    return await _MARK.run_returning(session, "event_id", rows)
 
 
 async def run_handler(db: Database, consumer: str, event: Event, handler: SessionHandler) -> bool:
