@@ -227,8 +227,13 @@ async def test_old_outbox_rows_and_inbox_marks_are_purged(any_db: Database) -> N
         for i, (sent_at, created) in enumerate([(old, old), (new, new), (None, old)]):
             await session.execute(
                 insert(event_outbox).values(
-                    event_id=f"e{i}", type="t", source="s", payload="{}",
-                    created_at=created, sent_at=sent_at, attempts=0,
+                    event_id=f"e{i}",
+                    type="t",
+                    source="s",
+                    payload="{}",
+                    created_at=created,
+                    sent_at=sent_at,
+                    attempts=0,
                 )
             )
         await session.execute(

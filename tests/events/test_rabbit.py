@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aio_pika
@@ -162,6 +163,65 @@ async def test_publish_fails_fast_while_the_broker_is_away_and_recovers(
     # lost with the connection), n=2 was never published
     assert {e.data["n"] for e in got} == {1, 3}
     await eventually(lambda: len(late) == 1, within=10, what="the late joiner's delivery")
+
+
+async def test_an_outage_is_one_warning_each_way_not_library_tracebacks(
+    rabbit_kit: BusKit, amqp_proxy: TcpRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aio-pika and aiormq log an ERROR (with a traceback) per reconnection attempt; the
+    bus says once that the connection is gone and once that it is back."""
+    caplog.set_level(logging.INFO)
+    settings = test_settings(
+        rabbit_kit.settings.events_namespace,
+        amqp_url=via_proxy(rabbit_kit.settings.amqp_url, amqp_proxy),
+    )
+    bus = await rabbit_kit.make([QueueSpec("outage", ("usage.recorded",))], settings=settings)
+    caplog.clear()
+    await amqp_proxy.stop()
+    await eventually(lambda: not bus.connected, what="the bus to notice")
+    await asyncio.sleep(5 * settings.amqp_reconnect_interval)  # several failed attempts
+    await amqp_proxy.start()
+    await eventually(lambda: bus.connected, within=10, what="reconnection")
+    await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 1}))  # it works again
+
+    ours = [r for r in caplog.records if r.name == "aiagg.events" and r.levelno >= logging.WARNING]
+    assert [r.getMessage().split(" at ")[0] for r in ours] == [
+        "lost the connection to RabbitMQ",
+        "reconnected to RabbitMQ",
+    ], [r.getMessage() for r in ours]
+    assert "outboxes keep the events" in ours[0].getMessage()
+    library = [
+        f"{r.name} {r.levelname} {r.msg}"  # not getMessage(): aio-pika's reprs can raise
+        for r in caplog.records
+        if r.name.startswith(("aio_pika", "aiormq")) and r.levelno >= logging.INFO
+    ]
+    assert library == []
+
+
+def test_only_the_reconnection_chatter_is_demoted() -> None:
+    """A library record that is not about the outage keeps its level."""
+    from services.common.events.quiet import ReconnectNoise
+
+    quiet = ReconnectNoise()
+
+    def record(name: str, level: int, msg: str, args: tuple = ()) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+    noise = record("aiormq.connection", logging.ERROR, "error when creating transport: %r", (1,))
+    assert quiet.filter(noise) is False  # DEBUG is off for the library
+    other = record("aiormq.connection", logging.ERROR, "Unexpected frame %r", (1,))
+    assert quiet.filter(other) is True and other.levelno == logging.ERROR
+
+    def mine() -> None: ...
+
+    callback = record("aio_pika.tools", logging.ERROR, "Callback %r error: %s: %s", (mine, "E", 1))
+    assert quiet.filter(callback) is True  # another callback failing is kept
+    logging.getLogger("aiormq.connection").setLevel(logging.DEBUG)
+    try:
+        noise = record("aiormq.connection", logging.ERROR, "error when creating transport: %r")
+        assert quiet.filter(noise) is True and noise.levelname == "DEBUG"
+    finally:
+        logging.getLogger("aiormq.connection").setLevel(logging.NOTSET)
 
 
 async def test_start_while_the_broker_is_down_connects_later(

@@ -66,8 +66,7 @@ async def mark_many_processed(
     """
     now = datetime.now(UTC)
     rows = [
-        {"consumer": consumer, "event_id": i, "processed_at": now}
-        for i in sorted(set(event_ids))
+        {"consumer": consumer, "event_id": i, "processed_at": now} for i in sorted(set(event_ids))
     ]
     return await _MARK.run_returning(session, "event_id", rows)
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
 from aio_pika.exceptions import PublishError as ReturnedError
 from yarl import URL
 
+from . import quiet
 from .acks import ChannelAcks
 from .bus import (
     DeadLetter,
@@ -126,6 +128,9 @@ class RabbitBus(EventBus):
         self._background: set[asyncio.Task[None]] = set()
         self._setup_lock = asyncio.Lock()
         self._closing = False
+        #: monotonic time the live connection was lost (None: not lost)
+        self._lost_at: float | None = None
+        quiet.install()
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -230,9 +235,30 @@ class RabbitBus(EventBus):
             self._connection = connection
             self._ready.set()
             connection.reconnect_callbacks.add(self._on_reconnect)
+            connection.close_callbacks.add(self._on_connection_lost)
+
+    def _on_connection_lost(self, _connection: Any, exc: BaseException | None = None) -> None:
+        """One WARNING per outage (the libraries' per-attempt lines are DEBUG, quiet.py)."""
+        if self._closing or self._lost_at is not None:
+            return
+        self._lost_at = time.monotonic()
+        log.warning(
+            "lost the connection to RabbitMQ at %s (%s); publishing fails at once and the "
+            "outboxes keep the events; reconnecting every %.1fs",
+            self.display_url(),
+            exc if exc is not None else "closed",
+            self.settings.amqp_reconnect_interval,
+        )
 
     def _on_reconnect(self, *_: Any) -> None:
         """aio-pika restored what it knew; attach what was subscribed while disconnected."""
+        if self._lost_at is not None:
+            log.warning(
+                "reconnected to RabbitMQ at %s after %.1fs; the relays send what the outboxes kept",
+                self.display_url(),
+                time.monotonic() - self._lost_at,
+            )
+            self._lost_at = None
         if any(sub.consumer_tag is None for sub in self._subs.values()):
             task = asyncio.create_task(self._attach_pending(), name="amqp-attach-pending")
             self._background.add(task)
