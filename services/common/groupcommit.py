@@ -9,8 +9,12 @@ that commit, so "answered" still means "durable". Batching is natural, without a
 timer: an idle worker runs a lone item at once, and what arrives while a batch runs
 forms the next batch.
 
-If a batch fails (an item raising, a constraint, the commit), it was rolled back as a
-whole; each of its items then runs again alone through ``run_one``, so one failing
+If a batch fails it was rolled back as a whole. When ``run_batch`` says which item
+failed (it raises :class:`ItemFailed`), the items before it commit again as one batch,
+the failing item runs alone through ``run_one`` (its caller gets its own answer, a 402
+say), and the items after it form a batch of their own: three transactions, not one
+per item, so a stream of refused requests does not turn group commit off. Any other
+failure (the commit itself, say) runs each item again alone. Either way one failing
 item fails only its own caller. Work may therefore run more than once before it
 commits: it must act only through the database session (no network calls, no
 publishing; events go through the outbox) and build its result from what it did.
@@ -43,6 +47,15 @@ DEFAULT_MAX_BATCH = 64
 
 class GroupCommitClosed(RuntimeError):
     """The batcher stopped before this item committed: it was not (durably) done."""
+
+
+class ItemFailed(Exception):
+    """Raised by a ``run_batch``: item ``index`` raised ``error``; the ones before ran."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"item {index} failed: {type(error).__name__}: {error}")
+        self.index = index
+        self.error = error
 
 
 class Batcher(Generic[I, R]):
@@ -167,22 +180,39 @@ class Batcher(Generic[I, R]):
                 self._running = []
 
     async def _run(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
-        if len(batch) > 1:
+        pending = [entry for entry in batch if not entry[1].done()]
+        while len(pending) > 1:
             try:
-                results = await self._run_batch_fn([item for item, _ in batch])
+                results = await self._run_batch_fn([item for item, _ in pending])
+            except ItemFailed as failed:
+                index = failed.index
+                if not 0 <= index < len(pending):
+                    log.error("%s: %s is outside the batch of %d", self.name, failed, len(pending))
+                    break
+                log.info(
+                    "%s: item %d of a batch of %d failed (%s: %s); the others commit without it",
+                    self.name, index, len(pending), type(failed.error).__name__, failed.error,
+                )
+                await self._run(pending[:index])  # they ran before: normally one commit
+                await self._run_each(pending[index : index + 1])
+                pending = [entry for entry in pending[index + 1 :] if not entry[1].done()]
+                continue
             except Exception as exc:
                 log.info(
                     "%s: batch of %d failed (%s: %s); running its items one by one",
-                    self.name, len(batch), type(exc).__name__, exc,
+                    self.name, len(pending), type(exc).__name__, exc,
                 )
-            else:
-                self.batches += 1
-                self.items += len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-                return
-        for item, future in batch:
+                break
+            self.batches += 1
+            self.items += len(pending)
+            for (_, future), result in zip(pending, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+            return
+        await self._run_each(pending)
+
+    async def _run_each(self, entries: list[tuple[I, asyncio.Future[R]]]) -> None:
+        for item, future in entries:
             if future.done():
                 continue
             try:
@@ -195,7 +225,6 @@ class Batcher(Generic[I, R]):
                 self.items += 1
                 if not future.done():
                     future.set_result(result)
-
 
 class GroupCommit:
     """The group-commit writer of one database: ``await db.writes.run(unit)``.
@@ -233,11 +262,24 @@ class GroupCommit:
 
     async def _run_batch(self, units: list[Unit[Any]]) -> list[Any]:
         async with self._transaction() as session:
-            return [await unit(session) for unit in units]
+            results = []
+            for index, unit in enumerate(units):
+                try:
+                    results.append(await unit(session))
+                except Exception as exc:
+                    raise ItemFailed(index, exc) from exc  # leaving the block rolls back
+            return results
 
     async def _run_one(self, unit: Unit[Any]) -> Any:
         async with self._transaction() as session:
             return await unit(session)
 
 
-__all__ = ["DEFAULT_MAX_BATCH", "Batcher", "GroupCommit", "GroupCommitClosed", "Unit"]
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "Batcher",
+    "GroupCommit",
+    "GroupCommitClosed",
+    "ItemFailed",
+    "Unit",
+]

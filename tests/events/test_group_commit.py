@@ -159,35 +159,36 @@ async def test_a_poisoned_event_fails_alone_and_the_worker_goes_on(
         results = await asyncio.gather(*(consumer(e) for e in events), return_exceptions=True)
         assert [type(r) for r in results] == [type(None)] * 3 + [ValueError] + [type(None)] * 4
         good = sorted(e.id for e in events if e is not bad)
-        # the batch rolled back, then each event ran alone: only the bad one failed
+        # the batch rolled back; the three before the bad one committed together, the
+        # bad one failed alone, the four after it committed together
         assert sorted(await _effects(any_db)) == good
         assert sorted(await _marked(any_db, "gc")) == good
         assert handler.runs.count(bad.id) == 2  # in the batch, then alone
-        assert commits.sizes == [1] * 7
+        assert commits.sizes == [3, 4]
 
         # the worker survived and batches again; the bad event's retry still fails alone
         handler.runs.clear()
         more = _events(5)
         results = await asyncio.gather(*(consumer(e) for e in [*more, bad]), return_exceptions=True)
         assert isinstance(results[-1], ValueError) and results[:-1] == [None] * 5
-        assert commits.sizes[7:] == [1] * 5  # 6 in a batch, rolled back, then alone
+        assert commits.sizes[2:] == [5]  # 6 in a batch, rolled back; 5 again, then it alone
 
         # healed: the retry of the bad event commits (once), in a batch with others
         handler.poison = set()
         batch = [bad, *_events(4)]
         await asyncio.gather(*(consumer(e) for e in batch))
-        assert commits.sizes[12:] == [5]
+        assert commits.sizes[3:] == [5]
         assert (await _effects(any_db)).count(bad.id) == 1
     finally:
         await consumer.close()
 
 
-async def test_a_database_error_in_the_batch_falls_back_to_one_by_one(
+async def test_a_database_error_in_the_batch_fails_only_its_event(
     any_db: Database, commits: Commits
 ) -> None:
     """Not only handler exceptions: a statement the database refuses aborts the batch
-    transaction (on PostgreSQL every later statement fails too); each event then runs
-    alone and only the offending one fails."""
+    transaction (on PostgreSQL every later statement fails too); the events around the
+    offending one commit in a batch each and only it fails."""
     await any_db.create_all(effects_metadata, outbox_metadata)
     events = _events(6)
     bad = events[2]
@@ -202,7 +203,7 @@ async def test_a_database_error_in_the_batch_falls_back_to_one_by_one(
         results = await asyncio.gather(*(consumer(e) for e in events), return_exceptions=True)
         assert [r is None for r in results] == [True, True, False, True, True, True]
         assert sorted(await _marked(any_db, "gc")) == sorted(e.id for e in events if e is not bad)
-        assert commits.sizes == [1] * 5
+        assert commits.sizes == [2, 3]
     finally:
         await consumer.close()
 

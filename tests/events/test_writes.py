@@ -81,6 +81,31 @@ async def test_a_failing_unit_fails_alone(any_db: Database) -> None:
     assert await _names(any_db) == ["ok0", "ok1", "ok2", "ok3", "ok4", "taken"]
 
 
+async def test_a_refused_unit_does_not_turn_group_commit_off(any_db: Database) -> None:
+    """A unit raising (a 402, say) costs its batch a rerun, but not one transaction per
+    unit: the units before it commit together, it runs alone, the rest commit together."""
+    await any_db.create_all(rows.metadata)
+    commits: list[object] = []
+    any_db.add_commit_listener(commits.append)
+
+    class Refused(Exception):
+        pass
+
+    async def refused(session: DbSession) -> None:
+        await session.execute(insert(rows).values(name="refused-row", value=1))
+        raise Refused("balance too low")
+
+    units = [_insert(f"u{i:02d}", i) for i in range(20)]
+    units[7] = refused
+    outcomes = await asyncio.gather(*(any_db.writes.run(u) for u in units), return_exceptions=True)
+    assert isinstance(outcomes[7], Refused)
+    assert [o for i, o in enumerate(outcomes) if i != 7] == [
+        f"u{i:02d}:{i}" for i in range(20) if i != 7
+    ]
+    assert len(commits) == 2  # u00..u06, then u08..u19 (one unit at a time: 19)
+    assert await _names(any_db) == [f"u{i:02d}" for i in range(20) if i != 7]
+
+
 async def test_the_answer_comes_after_the_commit(sqlite_db: Database) -> None:
     await sqlite_db.create_all(rows.metadata)
 
@@ -150,3 +175,31 @@ async def test_a_full_batch_does_not_wait_for_the_linger(sqlite_db: Database) ->
     assert loop.time() - began < 1.0
     assert batcher.batches == 1
     await batcher.close()
+
+
+async def test_a_batch_where_every_unit_fails_gives_each_caller_its_error() -> None:
+    """Each failure splits off the rest of the batch, without recursing once per unit."""
+    from services.common.groupcommit import ItemFailed
+
+    class Refused(Exception):
+        pass
+
+    attempts: list[int] = []
+
+    async def run_batch(items: list[int]) -> list[int]:
+        attempts.append(len(items))
+        raise ItemFailed(0, Refused(items[0]))
+
+    async def run_one(item: int) -> int:
+        raise Refused(item)
+
+    batcher: Batcher[int, int] = Batcher("all-refused", run_batch, run_one, max_batch=3000)
+    try:
+        outcomes = await asyncio.gather(
+            *(batcher.submit(i) for i in range(2500)), return_exceptions=True
+        )
+    finally:
+        await batcher.close()
+    assert [type(o) for o in outcomes] == [Refused] * 2500
+    assert [o.args[0] for o in outcomes] == list(range(2500))
+    assert attempts == list(range(2500, 1, -1))  # then the last one runs alone

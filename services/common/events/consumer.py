@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from ..db import Database, DbSession, InsertIgnore
-from ..groupcommit import Batcher
+from ..groupcommit import Batcher, ItemFailed
 from .bus import EventBus
 from .envelope import Event
 from .metrics import DUPLICATES
@@ -146,21 +146,22 @@ class Consumer:
 
         async def unit(session: DbSession) -> list[bool]:
             ran: list[bool] = []
-            fresh: list[Event] = []
             new = await mark_many_processed(session, self.name, [e.id for e in events])
             for event in events:
-                if event.id in new:
-                    new.discard(event.id)  # a second copy in this batch is a duplicate
-                    fresh.append(event)
-                    ran.append(True)
-                else:
-                    ran.append(False)
+                ran.append(event.id in new)
+                new.discard(event.id)  # a second copy in this batch is a duplicate
+            fresh = [event for event, is_new in zip(events, ran, strict=True) if is_new]
             if self.batch_handler is not None:
                 if fresh:
                     await self.batch_handler(fresh, session)
-            else:
-                for event in fresh:
-                    await self.handler(event, session)
+                return ran
+            for index, (event, is_new) in enumerate(zip(events, ran, strict=True)):
+                if is_new:
+                    try:
+                        await self.handler(event, session)
+                    except Exception as exc:
+                        # the batcher commits the others without it, and runs it alone
+                        raise ItemFailed(index, exc) from exc
             return ran
 
         ran = await self.db.writes.run(unit)
