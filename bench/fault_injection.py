@@ -1429,7 +1429,13 @@ async def breaker_evidence(p: Platform) -> list[list[str]]:
             for ln in log.read_text(errors="replace").splitlines()
             if "billing unavailable for" in ln
         ]
-        by_reason = Counter("circuit breaker for service 'billing' is open" in ln for ln in lines)
+        # the orchestrator logs this once per reason every 5 s, "(and N more like this ...)"
+        by_reason: Counter[bool] = Counter()
+        for ln in lines:
+            more = re.search(r"\(and (\d+) more like this", ln)
+            by_reason["circuit breaker for service 'billing' is open" in ln] += 1 + (
+                int(more.group(1)) if more else 0
+            )
         times = [ln[11:23] for ln in lines]
         rows.append(
             [

@@ -47,6 +47,7 @@ from services.common.errors import NotFound
 from services.common.events import EventBus
 from services.common.identity import Identity, identify, require_admin
 from services.common.inputs import utcnow, validate_identifier
+from services.common.logthrottle import ThrottledLog
 from services.common.money import format_micro
 from services.providers.chunks import DeliveredText, stream_error_chunk
 from services.providers.config import Catalog, ModelRoute, load_catalog
@@ -65,6 +66,8 @@ from .settings import OrchestratorSettings
 from .validation import ChatRequest, OpenAIError, parse_body, validate_chat
 
 log = logging.getLogger("aiagg.orchestrator")
+#: per-request failures of a dependency that is down: one line per reason every 5 s
+outage_log = ThrottledLog(log, every=5.0)
 
 PROXY_PATH = "/internal/proxy/chat/completions"
 RESERVATIONS = "/internal/billing/reservations"
@@ -615,7 +618,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except OpenAIError as exc:
         return exc.response(flow.request_id)
     except BillingUnavailable as exc:
-        log.error("billing unavailable for %s: %s", flow.request_id, exc)
+        outage_log.log(
+            logging.ERROR, f"billing:{exc}", "billing unavailable for %s: %s", flow.request_id, exc
+        )
         return OpenAIError(
             503, "billing is unavailable; nothing was charged, retry later",
             type_="api_error", code="billing_unavailable", headers={"Retry-After": "1"},

@@ -392,9 +392,12 @@ async def start_platform(
         postgres: bool = False,
         providers: str = PROVIDERS,
         cut_proxy: bool = False,
+        cut: str | None = None,
         **orchestrator_settings: Any,
     ) -> Platform:
-        """``cut_proxy``: the orchestrator reaches the proxy through a :class:`TcpRelay`."""
+        """``cut="billing"`` (``cut_proxy``: ``cut="proxy"``): that service is reached
+        through a :class:`TcpRelay` (``platform.cutter``), which a test can stop."""
+        cut = "proxy" if cut_proxy else cut
         names = ("auth", "billing", "analytics", "proxy", "orchestrator")
         if bus == "rabbit":
             require_server(AMQP_URL, 5672, "RabbitMQ")
@@ -415,11 +418,11 @@ async def start_platform(
         ports = {name: sock.getsockname()[1] for name, sock in socks.items()}
         cutter = None
         routed = dict(ports)
-        if cut_proxy:
-            cutter = TcpRelay("127.0.0.1", ports["proxy"])
+        if cut is not None:
+            cutter = TcpRelay("127.0.0.1", ports[cut])
             await cutter.start()
             cleanups.append(cutter.stop)
-            routed["proxy"] = cutter.port
+            routed[cut] = cutter.port
         routes_file = tmp_path / "routes.yaml"
         routes_file.write_text(test_routes(routed))
         providers_file = tmp_path / "providers.yaml"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from decimal import Decimal
 from typing import Any
 
@@ -393,6 +394,27 @@ async def test_an_unreachable_proxy_is_503_blames_no_provider_and_charges_nothin
     assert {b["provider"]: b["failures"] for b in breakers["data"]}["mock-main"] == 0
     balance = await p.balance(user)
     assert (balance["balance"], balance["held"]) == ("1.000000", "0.000000")
+
+
+async def test_billing_down_is_503_and_a_few_log_lines_not_one_per_request(
+    start_platform, caplog: pytest.LogCaptureFixture
+):
+    p = await start_platform("inprocess", cut="billing")
+    user, key = await p.new_user("1.00")
+    assert p.cutter is not None
+    await p.cutter.stop()  # nothing listens where the orchestrator finds billing
+    caplog.set_level(logging.INFO, logger="aiagg.orchestrator")
+    client = p.openai(key)
+    for _ in range(20):
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(
+                model="mock-small", messages=[{"role": "user", "content": "hi"}])
+        assert info.value.status_code == 503 and info.value.code == "billing_unavailable"
+    lines = [r for r in caplog.records if "billing unavailable for" in r.getMessage()]
+    # one line per reason (connect error, then the open breaker) per 5 s, not 20
+    assert 1 <= len(lines) <= 3, [r.getMessage() for r in lines]
+    await p.cutter.start()
+    assert (await p.balance(user))["balance"] == "1.000000"
 
 
 async def test_a_client_hanging_up_mid_stream_is_charged_for_what_was_sent(start_platform):

@@ -20,6 +20,7 @@ import logging
 _NOISE: tuple[tuple[str, str], ...] = (
     ("aiormq.connection", "error when creating transport"),
     ("aiormq.connection", "Cancelling cause reader exited abnormally"),
+    ("aiormq.connection", "Unexpected connection close from remote"),
     ("aio_pika.robust_connection", "Connection to %s closed. Reconnecting"),
     ("aio_pika.robust_connection", "Connection attempt to"),
 )
