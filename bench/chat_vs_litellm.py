@@ -717,9 +717,18 @@ def verdict(rows: list[Row], direct: dict[tuple[int, bool], Row]) -> list[str]:
         share = po / lo if lo > 0 else float("inf")
         cpu = (plat.cpu_all_us or plat.cpu_us or 0) / (lite.cpu_us or 1)
         mode = "stream" if stream else "plain"
+        # nobody beats the upstream alone at the same concurrency
+        ceiling = d.result.rps / lite.result.rps if lite.result.rps else float("inf")
+        cap = (
+            f"; at most {ceiling:.1f}x is possible here: the upstream alone serves "
+            f"{d.result.rps:,.0f} req/s at c={conns}"
+            if ceiling < 5
+            else ""
+        )
         lines.append(
             f"{mode:6} c={conns:<3} req/s platform/LiteLLM = {ratio:.2f}x (target >= 5x: "
-            f"{'MET' if ratio >= 5 else 'NOT met'}); p99 overhead platform/LiteLLM = "
+            f"{'MET' if ratio >= 5 else 'NOT met'}{cap}); "
+            f"p99 overhead platform/LiteLLM = "
             f"{po:.1f}/{lo:.1f} ms = {share:.2f} (target <= 0.20: "
             f"{'MET' if share <= 0.2 else 'NOT met'}); CPU per request platform/LiteLLM = "
             f"{cpu:.2f}x"
