@@ -40,6 +40,7 @@ from sqlalchemy.engine import URL, Connection, Dialect, Result, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from .fastsql import StatementCache
 from .groupcommit import GroupCommit
 
 log = logging.getLogger("aiagg.db")
@@ -62,16 +63,26 @@ class DbSession:
     ``dialect`` / ``bind.dialect`` say which database it is.
     """
 
-    __slots__ = ("_blocking", "_conn", "dialect", "info")
+    __slots__ = ("_blocking", "_conn", "_fast", "dialect", "info")
 
-    def __init__(self, conn: Connection | AsyncConnection, dialect: Dialect) -> None:
+    def __init__(
+        self,
+        conn: Connection | AsyncConnection,
+        dialect: Dialect,
+        fast: StatementCache | None = None,
+    ) -> None:
         self._conn = conn
         self._blocking = isinstance(conn, Connection)
+        self._fast = fast
         self.info: dict[str, Any] = {}
         self.dialect = dialect
 
     async def execute(self, statement: Any, params: Params = None) -> Result[Any]:
         if self._blocking:
+            if self._fast is not None:  # SQLite: repeated statements skip SQLAlchemy's work
+                result = self._fast.execute(self._conn, statement, params)  # type: ignore[arg-type]
+                if result is not None:
+                    return result  # type: ignore[return-value]
             return self._conn.execute(statement, params)  # type: ignore[return-value]
         return await self._conn.execute(statement, params)  # type: ignore[misc]
 
@@ -184,6 +195,7 @@ class Database:
         echo: bool = False,
         busy_timeout_ms: int = 10_000,
         engine_kwargs: dict[str, Any] | None = None,
+        fast_statements: bool = True,
     ) -> None:
         self.url = normalize_url(url)
         self.busy_timeout_ms = busy_timeout_ms
@@ -203,11 +215,16 @@ class Database:
             self.sync_engine = create_engine(self.url, **kwargs)
             self.dialect: Dialect = self.sync_engine.dialect
             self._install_sqlite_hooks()
+            #: plans of the statements this database runs again and again (fastsql.py)
+            self.statements: StatementCache | None = (
+                StatementCache(self.dialect) if fast_statements else None
+            )
         else:
             kwargs["pool_pre_ping"] = True
             kwargs.update(engine_kwargs or {})
             self.async_engine = create_async_engine(self.url, **kwargs)
             self.dialect = self.async_engine.dialect
+            self.statements = None
         #: the group-commit writer: ``await db.writes.run(unit)`` (see :mod:`.groupcommit`)
         self.writes = GroupCommit(self.transaction, name=f"group commit of {self!r}")
 
@@ -318,7 +335,7 @@ class Database:
     @asynccontextmanager
     async def _sqlite_transaction(self, *, immediate: bool) -> AsyncIterator[DbSession]:
         conn = await self._sqlite_begin(immediate)
-        session = DbSession(conn, self.dialect)
+        session = DbSession(conn, self.dialect, self.statements)
         try:
             try:
                 yield session
