@@ -215,9 +215,10 @@ class Database:
             self.sync_engine = create_engine(self.url, **kwargs)
             self.dialect: Dialect = self.sync_engine.dialect
             self._install_sqlite_hooks()
-            #: plans of the statements this database runs again and again (fastsql.py)
+            #: plans of the statements this database runs again and again (fastsql.py);
+            #: off with ``echo``, whose statement log only SQLAlchemy's path writes
             self.statements: StatementCache | None = (
-                StatementCache(self.dialect) if fast_statements else None
+                StatementCache(self.dialect) if fast_statements and not echo else None
             )
         else:
             kwargs["pool_pre_ping"] = True

@@ -226,6 +226,7 @@ class Batcher(Generic[I, R]):
                 if not future.done():
                     future.set_result(result)
 
+
 class GroupCommit:
     """The group-commit writer of one database: ``await db.writes.run(unit)``.
 
