@@ -229,11 +229,11 @@ class StatementCache:
         """Run ``statement`` on the fast path, or return None: then SQLAlchemy runs it."""
         try:
             plans = self._plans.get(statement)
+            if plans is None:
+                self._plans[statement] = {}  # seen once: planned if it comes again
+                return None
         except TypeError:
-            return None  # not weak-referenceable, or not hashable
-        if plans is None:
-            self._plans[statement] = {}
-            return None
+            return None  # not weak-referenceable, not hashable, or compared like SQL
         if params is None or isinstance(params, Mapping):
             names, many = tuple(params or ()), False
         elif isinstance(params, Sequence) and params and isinstance(params[0], Mapping):
