@@ -56,6 +56,28 @@ def require_server(url: str, default_port: int, name: str) -> None:
         fail_or_skip(f"{name} is not reachable at {host}:{port} ({exc})")
 
 
+#: sockets held by :func:`refused_port` until the test process ends
+_HELD_PORTS: list[socket.socket] = []
+
+
+def refused_port() -> int:
+    """A loopback port where every connection is refused, for the rest of the test run.
+
+    The socket is bound but never listens, so connecting fails at once and no server
+    started later can be given the number. A port found free and then closed can be:
+    the next server binding port 0 may get it, and a "dead" upstream then answers.
+    """
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _HELD_PORTS.append(held)
+    return held.getsockname()[1]
+
+
+def refused_url() -> str:
+    """``http://127.0.0.1:<refused_port()>``: an upstream that is down."""
+    return f"http://127.0.0.1:{refused_port()}"
+
+
 def run_in_thread(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
     """Run a coroutine on its own loop in another thread (from sync or async context)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:

@@ -20,8 +20,7 @@ from aiohttp import web
 from click.testing import CliRunner, Result
 
 from cli.gatewayctl import cli, fmt_seconds, render_table
-
-from .conftest import free_port
+from tests.support import refused_port, refused_url
 
 CLEAN_ENV = {"GATEWAY_ADMIN_URL": None, "GATEWAY_ADMIN_TOKEN": None, "GATEWAY_ROUTES_FILE": None}
 
@@ -75,7 +74,7 @@ def row(output: str, first: str) -> list[str]:
 @pytest.fixture
 async def gateway(start_gateway, make_upstream):
     up = await make_upstream()
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     g = await start_gateway(config(up.url, dead))
     g.app_url, g.dead_url = up.url, dead
     return g
@@ -293,7 +292,7 @@ async def test_check_ok_and_broken(tmp_path, monkeypatch):
 
 
 async def test_unreachable_gateway_is_one_line_and_nonzero():
-    url = f"http://127.0.0.1:{free_port()}"
+    url = refused_url()
     for args in (["breakers"], ["--json", "routes"], ["breaker", "open", "echo"], ["reload"]):
         res = await ctl("--admin-url", url, *args)
         assert res.exit_code == 3, (args, res.output)
@@ -386,7 +385,7 @@ async def test_console_script_as_a_subprocess(gateway):
     assert "\x1b[" not in out  # no colour codes when stdout is not a terminal
 
     code, out, err = await run_script(
-        "routes", env={"GATEWAY_ADMIN_URL": f"127.0.0.1:{free_port()}"}
+        "routes", env={"GATEWAY_ADMIN_URL": f"127.0.0.1:{refused_port()}"}
     )
     assert code == 3 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("gatewayctl: cannot reach the gateway")

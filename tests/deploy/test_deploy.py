@@ -52,7 +52,7 @@ from gateway.settings import GatewaySettings
 from services.common.events import metrics as event_metrics
 from services.common.events.settings import EventSettings
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
-from tests.support import PG_URL, fail_or_skip
+from tests.support import PG_URL, fail_or_skip, refused_port
 
 #: every module that defines aiagg_* metrics
 METRIC_MODULES = (gateway_metrics, consul_resolver, event_metrics)
@@ -481,7 +481,7 @@ async def test_health_checks_run(aiohttp_server, status: int) -> None:
     app.router.add_get("/health", answer)
     app.router.add_get("/readyz", answer)
     server = await aiohttp_server(app)
-    dead = free_port()
+    dead = refused_port()
     for name, service in compose_services().items():
         if module_of(service) is None:
             continue

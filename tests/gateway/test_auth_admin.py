@@ -7,8 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gateway import metrics
-
-from .conftest import free_port
+from tests.support import refused_url
 
 
 def with_auth(app_url: str, auth_url: str, ttl: str = "5s") -> str:
@@ -112,7 +111,7 @@ async def test_positive_answers_are_cached_for_the_ttl(start_gateway, make_upstr
 
 async def test_auth_unreachable_fails_closed_with_503(start_gateway, make_upstream):
     app = await make_upstream()
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     g = await start_gateway(with_auth(app.url, dead))
     async with g.session.get(f"{g.url}/private/x", headers={"Authorization": "Bearer k"}) as r:
         assert r.status == 503

@@ -7,7 +7,9 @@ import time
 
 from aiohttp import web
 
-from .conftest import free_port, status
+from tests.support import refused_url
+
+from .conftest import status
 
 
 def one_route(url: str, extra_route: str = "", extra_service: str = "", defaults: str = "") -> str:
@@ -118,7 +120,7 @@ async def test_post_opted_in_by_route_is_retried(start_gateway, make_upstream):
 
 async def test_refused_connection_is_retried_for_get_and_post(start_gateway, make_upstream):
     up = await make_upstream()
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     g = await start_gateway(
         one_route(up.url).replace(f"instances: [{up.url}]", f"instances: [{dead}, {up.url}]")
     )
@@ -145,7 +147,7 @@ async def test_each_retry_goes_to_another_instance(start_gateway, make_upstream)
 
 
 async def test_all_instances_refusing_gives_502(start_gateway):
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     g = await start_gateway(one_route(dead))
     async with g.session.get(f"{g.url}/echo/x") as r:
         assert r.status == 502

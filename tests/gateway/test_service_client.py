@@ -9,8 +9,9 @@ import pytest
 from gateway.client import open_service_client
 from gateway.discovery import DiscoveryRouter, StaticResolver
 from gateway.errors import BadGateway
+from tests.support import refused_url
 
-from .conftest import free_port, status
+from .conftest import status
 
 
 def routes(tmp_path, instances: list[str], attempts: int = 3) -> str:
@@ -31,7 +32,7 @@ def routes(tmp_path, instances: list[str], attempts: int = 3) -> str:
 
 async def test_peer_call_uses_routes_yaml_instances_and_retries(tmp_path, make_upstream):
     up = await make_upstream()
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refused_url()
     client = await open_service_client(
         routes(tmp_path, [dead, up.url]), resolver=DiscoveryRouter(StaticResolver())
     )
@@ -52,7 +53,7 @@ async def test_peer_call_uses_routes_yaml_instances_and_retries(tmp_path, make_u
 async def test_never_sent_only_when_no_attempt_may_have_reached_the_peer(
     tmp_path, make_upstream
 ):
-    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    dead = [refused_url() for _ in range(2)]
     client = await open_service_client(
         routes(tmp_path, dead), resolver=DiscoveryRouter(StaticResolver())
     )
