@@ -20,6 +20,7 @@ SQLAlchemy's exception classes (``IntegrityError``, ...), as on the normal path.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import weakref
 from collections import namedtuple
@@ -28,6 +29,8 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+
+log = logging.getLogger("aiagg.db")
 
 Processor = Callable[[Any], Any] | None
 
@@ -171,11 +174,22 @@ class _Plan:
 
 
 def _plan(statement: Any, dialect: Dialect, names: tuple[str, ...], many: bool) -> _Plan | None:
-    """Compile ``statement`` for these parameter names, or None when it is not covered."""
+    """Compile ``statement`` for these parameter names, or None when it is not covered.
+
+    It reads a few attributes of SQLAlchemy's compiled statement; should a later
+    SQLAlchemy lack one, the statement simply stays on SQLAlchemy's path.
+    """
     try:
-        compiled = statement.compile(dialect=dialect, column_keys=list(names))
+        return _compile_plan(statement, dialect, names, many)
     except Exception:
+        log.debug("no fast plan for %s", statement, exc_info=True)
         return _UNSUPPORTED
+
+
+def _compile_plan(
+    statement: Any, dialect: Dialect, names: tuple[str, ...], many: bool
+) -> _Plan | None:
+    compiled = statement.compile(dialect=dialect, column_keys=list(names))
     if not compiled.positional or compiled.literal_execute_params or compiled.post_compile_params:
         return _UNSUPPORTED
     if getattr(compiled, "update_prefetch", None):
