@@ -150,8 +150,8 @@ class Consumer:
             for event in events:
                 ran.append(event.id in new)
                 new.discard(event.id)  # a second copy in this batch is a duplicate
-            fresh = [event for event, is_new in zip(events, ran, strict=True) if is_new]
             if self.batch_handler is not None:
+                fresh = [event for event, is_new in zip(events, ran, strict=True) if is_new]
                 if fresh:
                     await self.batch_handler(fresh, session)
                 return ran
