@@ -11,12 +11,16 @@ import aiormq
 import pytest
 from aio_pika.abc import DeliveryMode
 
+from services.common.db import Database
 from services.common.events import (
     USAGE_RECORDED,
     Event,
+    OutboxRelay,
     PublishError,
     QueueSpec,
     RabbitBus,
+    outbox_metadata,
+    record_event,
 )
 from tests.support import TcpRelay
 
@@ -49,6 +53,31 @@ async def test_published_message_carries_the_contract_properties(rabbit_kit: Bus
     assert abs(message.timestamp.timestamp() - event.occurred_at.timestamp()) < 1.5
     assert message.routing_key == USAGE_RECORDED
     assert Event.from_json(message.body) == event
+
+
+async def test_the_relay_sends_an_outbox_row_with_the_contract_properties(
+    any_db: Database, rabbit_kit: BusKit
+) -> None:
+    """The relay publishes the stored body as it is (no parse, no re-encode): on both
+    databases the broker gets the bytes ``Event.to_json`` wrote and every contract
+    property, the timestamp included (SQLite hands the time back without its zone)."""
+    await any_db.create_all(outbox_metadata)
+    bus = await rabbit_kit.make([QueueSpec("relayed", ("usage.recorded",))])
+    event = Event.new(USAGE_RECORDED, "proxy", {"tokens": 12, "cost": "0.000120", "é": "ü"})
+    async with any_db.transaction() as session:
+        await record_event(session, event)
+    assert await OutboxRelay(any_db, bus).run_once() == 1
+    message = await _get(rabbit_kit.settings.amqp_url, bus.topology.queue("relayed"))
+    assert message is not None
+    assert message.body == event.to_json()
+    assert message.message_id == event.id
+    assert message.type == USAGE_RECORDED
+    assert message.app_id == "proxy"
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == DeliveryMode.PERSISTENT
+    assert message.routing_key == USAGE_RECORDED
+    assert message.timestamp is not None
+    assert abs(message.timestamp.timestamp() - event.occurred_at.timestamp()) < 1.5
 
 
 async def test_topology_names_and_retry_queues(rabbit_kit: BusKit) -> None:

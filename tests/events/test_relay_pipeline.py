@@ -29,6 +29,7 @@ from services.common.events import (
     record_event,
 )
 from services.common.events import outbox as outbox_module
+from services.common.events.envelope import StoredEvent
 from services.common.events.metrics import CONFIRMED
 
 from .conftest import BusKit, collector, eventually
@@ -46,16 +47,24 @@ class _Counting:
         self.hold: set[str] = set()
         self.release = asyncio.Event()
 
-    async def publish(self, event: Event) -> None:
-        self.started.append(event.id)
+    async def _counted(self, event_id: str, send: Any) -> None:
+        self.started.append(event_id)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if event.id in self.hold:
+            if event_id in self.hold:
                 await self.release.wait()
-            await super().publish(event)  # type: ignore[misc]
+            await send()
         finally:
             self.in_flight -= 1
+
+    async def publish(self, event: Event) -> None:
+        await self._counted(event.id, lambda: super(_Counting, self).publish(event))  # type: ignore[misc]
+
+    async def publish_stored(self, stored: StoredEvent) -> None:
+        await self._counted(  # what the relay calls
+            stored.id, lambda: super(_Counting, self).publish_stored(stored)  # type: ignore[misc]
+        )
 
 
 class CountingRabbitBus(_Counting, RabbitBus):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
-from .envelope import Event, PoisonMessage
+from .envelope import Event, PoisonMessage, StoredEvent
 from .metrics import CONSUMED, DLQ_DEPTH, QUEUE_DEPTH
 from .settings import EventSettings
 from .topology import (
@@ -176,6 +176,12 @@ class EventBus(ABC):
     @abstractmethod
     async def publish(self, event: Event) -> None:
         """Publish with routing key ``event.type``; returns once confirmed."""
+
+    async def publish_stored(self, stored: StoredEvent) -> None:
+        """Publish an outbox row's event exactly as :meth:`publish` would publish it.
+
+        Buses that can send the stored body as it is override this."""
+        await self.publish(stored.event())
 
     @abstractmethod
     async def publish_raw(

@@ -153,6 +153,26 @@ class Event:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the outbox holds it: the wire body :meth:`Event.to_json` wrote, and
+    the fields the broker message's properties carry.
+
+    The relay publishes it as it is: parsing the body back into an :class:`Event` and
+    encoding it again cost the publishing services ~3 % of their CPU, for bytes that
+    were already exactly what goes on the wire.
+    """
+
+    id: str
+    type: str
+    source: str
+    occurred_at: datetime
+    body: bytes
+
+    def event(self) -> Event:
+        return Event.from_json(self.body)
+
+
 __all__ = [
     "APIKEY_CREATED",
     "APIKEY_REVOKED",
@@ -163,4 +183,5 @@ __all__ = [
     "USAGE_RECORDED",
     "Event",
     "PoisonMessage",
+    "StoredEvent",
 ]

@@ -28,7 +28,7 @@ from .bus import (
     dead_letter_from,
     run_delivery,
 )
-from .envelope import Event
+from .envelope import Event, StoredEvent
 from .metrics import CONFIRMED, DEAD_LETTERED, PUBLISH_FAILED, PUBLISHED, RETRIED
 from .settings import EventSettings
 from .topology import (
@@ -170,6 +170,9 @@ class InProcessBus(EventBus):
 
     async def publish(self, event: Event) -> None:
         await self._publish(event.type, event.to_json(), event.id, {})
+
+    async def publish_stored(self, stored: StoredEvent) -> None:
+        await self._publish(stored.type, stored.body, stored.id, {})
 
     async def publish_raw(
         self,

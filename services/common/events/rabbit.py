@@ -52,7 +52,7 @@ from .bus import (
     dead_letter_from,
     run_delivery,
 )
-from .envelope import Event
+from .envelope import Event, StoredEvent
 from .inprocess import replay_headers
 from .metrics import CONFIRMED, DEAD_LETTERED, PUBLISH_FAILED, PUBLISHED, RETRIED
 from .settings import EventSettings
@@ -76,6 +76,25 @@ _FATAL = (
 )
 #: headers RabbitMQ adds when it dead-letters; not carried over to our copies
 _BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-")
+
+
+Properties = aiormq.spec.Basic.Properties
+
+
+def _event_properties(
+    event_id: str, type_: str, source: str, occurred_at: datetime
+) -> Properties:
+    """An event message's properties, as aio-pika's ``Message`` would build them."""
+    return Properties(
+        content_type="application/json",
+        delivery_mode=DeliveryMode.PERSISTENT.value,
+        priority=0,
+        headers={},
+        message_id=event_id,
+        message_type=type_,
+        timestamp=occurred_at,
+        app_id=source,
+    )
 
 
 def _clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
@@ -335,17 +354,23 @@ class RabbitBus(EventBus):
     # -- publishing ---------------------------------------------------------------------------
 
     async def publish(self, event: Event) -> None:
-        message = aio_pika.Message(
-            body=event.to_json(),
-            content_type="application/json",
-            delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=event.id,
-            type=event.type,
-            timestamp=event.occurred_at,
-            app_id=event.source,
-            headers={},
+        await self._send(
+            self.topology.exchange,
+            event.type,
+            event.to_json(),
+            _event_properties(event.id, event.type, event.source, event.occurred_at),
+            label=event.type,
         )
-        await self._send(self.topology.exchange, event.type, message, label=event.type)
+
+    async def publish_stored(self, stored: StoredEvent) -> None:
+        """The outbox row's body as it is, with the properties :meth:`publish` sets."""
+        await self._send(
+            self.topology.exchange,
+            stored.type,
+            stored.body,
+            _event_properties(stored.id, stored.type, stored.source, stored.occurred_at),
+            label=stored.type,
+        )
 
     async def publish_raw(
         self,
@@ -355,26 +380,31 @@ class RabbitBus(EventBus):
         message_id: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:
-        message = aio_pika.Message(
-            body=bytes(body),
+        properties = aio_pika.Message(
+            body=b"",
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=message_id,
             timestamp=datetime.now(UTC),
             headers=dict(headers or {}),
+        ).properties
+        await self._send(
+            self.topology.exchange, routing_key, bytes(body), properties, label=routing_key
         )
-        await self._send(self.topology.exchange, routing_key, message, label=routing_key)
 
     async def _send(
         self,
         exchange: str,
         routing_key: str,
-        message: aio_pika.Message,
+        body: bytes,
+        properties: Properties,
         *,
         label: str,
         count: bool = True,
     ) -> None:
         """Publish to ``exchange`` ("" = the default exchange), mandatory, confirmed.
 
+        Straight on the publishing channel's aiormq channel, as aio-pika's
+        ``Exchange.publish`` does, without building an ``aio_pika.Message`` first.
         ``count=False`` for moves of existing messages (retry, DLQ, replay): the
         publish metrics count events, those moves have their own counters.
         """
@@ -388,13 +418,17 @@ class RabbitBus(EventBus):
         if not self.connected:
             failed("connection")
             raise PublishError(f"not connected to RabbitMQ at {self.display_url()}")
-        assert self._pub is not None and self._exchange is not None
-        target = self._exchange if exchange == self.topology.exchange else None
+        assert self._pub is not None
         try:
             async with asyncio.timeout(self.settings.events_publish_timeout):
-                if target is None:
-                    target = self._pub.default_exchange
-                await target.publish(message, routing_key=routing_key, mandatory=True)
+                channel = await self._pub.get_underlay_channel()
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
         except ReturnedError as exc:
             failed("unroutable")
             raise PublishError(
@@ -464,7 +498,7 @@ class RabbitBus(EventBus):
                 await self._send(
                     "",
                     self.topology.retry_queue(sub.queue, outcome.delay),
-                    self._copy(message, headers),
+                    *self._copy(message, headers),
                     label=message.type or "unknown",
                     count=False,
                 )
@@ -482,7 +516,7 @@ class RabbitBus(EventBus):
                 await self._send(
                     "",
                     self.topology.dlq(sub.queue),
-                    self._copy(message, headers),
+                    *self._copy(message, headers),
                     label=message.type or "unknown",
                     count=False,
                 )
@@ -540,9 +574,12 @@ class RabbitBus(EventBus):
                 await message.ack(multiple=multiple)
 
     @staticmethod
-    def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-        return aio_pika.Message(
-            body=message.body,
+    def _copy(
+        message: AbstractIncomingMessage, headers: dict[str, Any]
+    ) -> tuple[bytes, Properties]:
+        """The body and properties of a copy with ``headers`` (retry, DLQ, replay)."""
+        return message.body, aio_pika.Message(
+            body=b"",
             headers=headers,
             content_type=message.content_type,
             delivery_mode=DeliveryMode.PERSISTENT,
@@ -550,7 +587,7 @@ class RabbitBus(EventBus):
             type=message.type,
             timestamp=message.timestamp,
             app_id=message.app_id,
-        )
+        ).properties
 
     # -- inspection and repair ----------------------------------------------------------------
 
@@ -622,7 +659,7 @@ class RabbitBus(EventBus):
                     await self._send(
                         "",
                         self.topology.queue(queue),
-                        self._copy(message, replay_headers(_clean_headers(message.headers))),
+                        *self._copy(message, replay_headers(_clean_headers(message.headers))),
                         label=message.type or "unknown",
                         count=False,
                     )
