@@ -10,12 +10,17 @@ consumers absorb (they dedupe by event id, see :mod:`.consumer`).
 
 Pipelining: the relay does not wait for each confirm before the next publish. It
 starts the publishes of a batch in id order, up to :data:`MAX_IN_FLIGHT` awaiting their
-confirms at once, then marks every confirmed row sent in one UPDATE. If some fail, the
+confirms at once, then marks every confirmed row sent in one transaction. If some fail, the
 confirmed ones are still marked sent, the first failed row gets ``attempts`` and
 ``last_error``, and the error is raised (the relay backs off). So after a failure a
 later event of the same batch may already be out while the failed one waits for the
 next attempt: id order holds while the broker takes everything (at-least-once delivery,
 retries and redeliveries never promised consumers more).
+
+Rows go out as stored (:class:`StoredEvent`): :func:`record` wrote the body with
+``Event.to_json``, so the relay does not parse it again. A row altered by hand into
+something that is not an envelope is therefore published, and its consumers send it to
+their DLQ as poison, instead of holding up the outbox behind it.
 
 Include :data:`outbox_metadata` in the service's ``create_all``: it holds
 ``event_outbox`` and ``processed_events`` (the consumers' inbox).
