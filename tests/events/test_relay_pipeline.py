@@ -165,6 +165,43 @@ async def test_a_failed_publish_leaves_only_its_row_pending(
     assert (await _rows(any_db))[events[3].id]["attempts"] == 2
 
 
+async def test_a_row_that_is_not_an_envelope_goes_out_and_to_the_dlq(
+    any_db: Database, bus_kit: BusKit
+) -> None:
+    """The relay does not parse what it publishes: a row altered into something that is
+    not an envelope is published with the others, the consumer dead-letters it as
+    poison, and the outbox is not held up behind it."""
+    await any_db.create_all(outbox_metadata)
+    bus = await _counting_bus(bus_kit, [QueueSpec("usage", ("usage.recorded",))])
+    got = await collector(bus, "usage", ["usage.recorded"])
+    events = [Event.new(USAGE_RECORDED, "proxy", {"n": i}) for i in range(3)]
+    await _record(any_db, events)
+    async with any_db.transaction() as session:
+        await session.execute(
+            event_outbox.update()
+            .where(event_outbox.c.event_id == events[1].id)
+            .values(payload="not an envelope")
+        )
+    relay = OutboxRelay(any_db, bus, name="poison")
+    assert await relay.run_once() == 3
+    assert await relay.pending_count() == 0
+    await eventually(lambda: len(got) == 2, what="the 2 good events")
+    assert [e.id for e in got] == [events[0].id, events[2].id]
+    letters: list[Any] = []
+
+    async def dead_lettered() -> bool:
+        letters[:] = await bus.dead_letters("usage")
+        return len(letters) == 1
+
+    for _ in range(100):
+        if await dead_lettered():
+            break
+        await asyncio.sleep(0.05)
+    assert len(letters) == 1
+    assert letters[0].body == b"not an envelope"
+    assert letters[0].reason == "poison"
+
+
 async def test_no_new_publish_starts_after_a_failure(
     any_db: Database, bus_kit: BusKit, monkeypatch: pytest.MonkeyPatch
 ) -> None:
