@@ -95,6 +95,7 @@ def main() -> None:
     up_port, bare_port, gw_port, admin_port, nginx_port, gw2_port, admin2_port = (
         free_port() for _ in range(7)
     )
+    shared_port, shared_admin1, shared_admin2 = (free_port() for _ in range(3))
     upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
     bare = start(
         [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{up_port}"], port=bare_port
@@ -115,26 +116,34 @@ def main() -> None:
         "GATEWAY_ADMIN_PORT": str(admin2_port),
     }
     gateway_asyncio = start(gateway_cmd, env=plain_env, port=gw2_port)
+    # two gateway processes on one port (GATEWAY_REUSE_PORT): the kernel spreads the
+    # connections; both share the two cores with the load generator and the upstream
+    shared_env = env | {"GATEWAY_PORT": str(shared_port), "GATEWAY_REUSE_PORT": "true"}
+    shared = [
+        start(gateway_cmd, env=shared_env | {"GATEWAY_ADMIN_PORT": str(admin)}, port=shared_port)
+        for admin in (shared_admin1, shared_admin2)
+    ]
     nginx = start_nginx(nginx_port, up_port)
-    contenders = [("direct to upstream", up_port, upstream)]
+    contenders = [("direct to upstream", up_port, [upstream])]
     if nginx is not None:
-        contenders.append(("nginx 1 worker, keepalive 64", nginx_port, nginx))
+        contenders.append(("nginx 1 worker, keepalive 64", nginx_port, [nginx]))
     contenders += [
-        ("30-line aiohttp proxy", bare_port, bare),
-        ("gateway, asyncio's loop", gw2_port, gateway_asyncio),
-        ("gateway (full policy chain, uvloop)", gw_port, gateway),
+        ("30-line aiohttp proxy", bare_port, [bare]),
+        ("gateway, asyncio's loop", gw2_port, [gateway_asyncio]),
+        ("gateway (full policy chain, uvloop)", gw_port, [gateway]),
+        ("gateway, 2 processes sharing the port", shared_port, shared),
     ]
     rows = []
     measured: dict[str, tuple[float, float]] = {}
     tool = ""
     try:
-        for name, port, proc in contenders:
+        for name, port, procs in contenders:
             url = f"http://127.0.0.1:{port}/bench/item?x=1"
             load(url, args.connections, 2)  # warm up connections and caches
-            pid = worker_pid(proc.pid) if proc is nginx else proc.pid
-            cpu0 = cpu_seconds(pid)
+            pids = [worker_pid(p.pid) if p is nginx else p.pid for p in procs]
+            cpu0 = sum(cpu_seconds(pid) for pid in pids)
             result, tool = load(url, args.connections, args.seconds)
-            cpu = cpu_seconds(pid) - cpu0
+            cpu = sum(cpu_seconds(pid) for pid in pids) - cpu0
             per_req_us = cpu / max(result.requests, 1) * 1e6
             measured[name] = (result.rps, per_req_us)
             rows.append(
@@ -143,13 +152,14 @@ def main() -> None:
                     f"{result.rps:,.0f}",
                     f"{result.p50_ms:.2f} ms",
                     f"{result.p99_ms:.2f} ms",
-                    f"{per_req_us:.0f} µs" if proc is not upstream else f"({per_req_us:.0f} µs)",
+                    f"{per_req_us:.0f} µs" if upstream not in procs else f"({per_req_us:.0f} µs)",
                     str(result.errors),
                 ]
             )
             time.sleep(0.5)
     finally:
-        stop(*(p for p in (gateway, gateway_asyncio, bare, upstream, nginx) if p is not None))
+        procs = (gateway, gateway_asyncio, *shared, bare, upstream, nginx)
+        stop(*(p for p in procs if p is not None))
     print(f"# gateway vs bare proxy vs direct — {machine_line()}")
     print(f"# load: {tool}, {args.connections} connections, {args.seconds}s, small GET, loopback")
     print(table(["path", "req/s", "p50", "p99", "CPU per request", "errors"], rows))

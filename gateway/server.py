@@ -176,7 +176,7 @@ class Gateway:
         )
         public_runner = web.ServerRunner(public, shutdown_timeout=s.shutdown_grace)
         await public_runner.setup()
-        public_site = web.TCPSite(public_runner, s.host, s.port, reuse_port=False)
+        public_site = web.TCPSite(public_runner, s.host, s.port, reuse_port=s.reuse_port)
         await public_site.start()
         self._runners.append(public_runner)
         self.public_port = _bound_port(public_runner, s.port)

@@ -12,6 +12,10 @@ class GatewaySettings(BaseSettings):
     routes_file: str = Field(default="routes.yaml", description="GATEWAY_ROUTES_FILE")
     host: str = "0.0.0.0"
     port: int = 3000
+    #: several gateway processes may listen on one public port (SO_REUSEPORT): the kernel
+    #: spreads new connections over them; each needs its own GATEWAY_ADMIN_PORT. Off by
+    #: default, so that a second gateway started by mistake fails instead of sharing.
+    reuse_port: bool = False
     admin_host: str = "127.0.0.1"
     admin_port: int = 9901
     admin_token: str | None = Field(default=None, description="GATEWAY_ADMIN_TOKEN")

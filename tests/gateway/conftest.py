@@ -110,12 +110,14 @@ async def start_gateway(tmp_path):
         routes = tmp_path / f"routes{len(started)}.yaml"
         routes.write_text(textwrap.dedent(yaml_text))
         cfg = GatewaySettings(
-            routes_file=str(routes),
-            host="127.0.0.1",
-            port=0,
-            admin_port=0,
-            access_log=False,
-            **settings,
+            **{
+                "routes_file": str(routes),
+                "host": "127.0.0.1",
+                "port": 0,
+                "admin_port": 0,
+                "access_log": False,
+                **settings,
+            }
         )
         gw = Gateway(cfg, resolver=DiscoveryRouter(StaticResolver()))
         await gw.start()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 
+import pytest
 from aiohttp import web
 
 from tests.support import refused_url
@@ -456,3 +458,21 @@ async def test_a_client_hanging_up_before_the_answer_is_quiet(
     up.default = None
     async with g.session.get(f"{g.url}/echo/x") as r:
         assert r.status == 200
+
+
+async def test_gateways_with_reuse_port_share_the_public_port(start_gateway, make_upstream):
+    """GATEWAY_REUSE_PORT: two gateways listen on one port and the kernel spreads new
+    connections over both (each routes to its own upstream, so the hits tell who
+    served); without it, the second gateway's start fails on the taken port."""
+    up_a, up_b = await make_upstream(), await make_upstream()
+    a = await start_gateway(one_route(up_a.url), reuse_port=True)
+    b = await start_gateway(one_route(up_b.url), reuse_port=True, port=a.gw.public_port)
+    assert b.gw.public_port == a.gw.public_port
+    for _ in range(40):  # a new connection each time: the kernel picks a listener per connection
+        async with a.session.get(f"{a.url}/echo/x", headers={"Connection": "close"}) as r:
+            assert r.status == 200
+    assert up_a.hits + up_b.hits == 40
+    assert up_a.hits > 0 and up_b.hits > 0
+    with pytest.raises(OSError) as taken:
+        await start_gateway(one_route(up_a.url), port=a.gw.public_port)
+    assert taken.value.errno == errno.EADDRINUSE
