@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -618,6 +619,7 @@ class Row:
     broker_us: float | None = None
     rss: float | None = None
     parts: dict[str, float] = field(default_factory=dict)  # µs per request, by process
+    round: int = 0  # which of the --rounds this row was measured in
 
 
 def measure(
@@ -660,10 +662,10 @@ def measure(
     return row
 
 
-def render(rows: list[Row], direct: dict[tuple[int, bool], Row]) -> str:
+def render(rows: list[Row], direct: dict[tuple[int, int, bool], Row]) -> str:
     out = []
     for r in rows:
-        d = direct.get((r.connections, r.stream))
+        d = direct.get((r.round, r.connections, r.stream))
         over50 = r.result.p50_ms - d.result.p50_ms if d and d is not r else None
         over99 = r.result.p99_ms - d.result.p99_ms if d and d is not r else None
         cpu = "-" if r.cpu_us is None else f"{r.cpu_us / 1000:.2f} ms"
@@ -702,38 +704,113 @@ def render(rows: list[Row], direct: dict[tuple[int, bool], Row]) -> str:
     )
 
 
-def verdict(rows: list[Row], direct: dict[tuple[int, bool], Row]) -> list[str]:
+def _judge(plat: Row, lite: Row, d: Row) -> tuple[float, float, float, str]:
+    """req/s ratio, p99-overhead share, CPU ratio, and the cap the upstream sets (if < 5x)."""
+    ratio = plat.result.rps / lite.result.rps if lite.result.rps else float("inf")
+    po, lo = plat.result.p99_ms - d.result.p99_ms, lite.result.p99_ms - d.result.p99_ms
+    share = po / lo if lo > 0 else float("inf")
+    cpu = (plat.cpu_all_us or plat.cpu_us or 0) / (lite.cpu_us or 1)
+    # nobody beats the upstream alone at the same concurrency
+    ceiling = d.result.rps / lite.result.rps if lite.result.rps else float("inf")
+    cap = (
+        f"; at most {ceiling:.1f}x is possible here: the upstream alone serves "
+        f"{d.result.rps:,.0f} req/s at c={plat.connections}"
+        if ceiling < 5
+        else ""
+    )
+    return ratio, share, cpu, cap
+
+
+def _met(ok: bool) -> str:
+    return "MET" if ok else "NOT met"
+
+
+def verdict(rows: list[Row], direct: dict[tuple[int, int, bool], Row]) -> list[str]:
+    """One line per cell and round; with several rounds, the medians after them."""
     lines = []
-    by = {(r.name.split()[0], r.connections, r.stream): r for r in rows}
-    for (kind, conns, stream), plat in sorted(by.items()):
-        if kind != "platform":
+    rounds = sorted({r.round for r in rows})
+    by = {(r.name.split()[0], r.round, r.connections, r.stream): r for r in rows}
+    judged: dict[tuple[bool, int], list[tuple[float, float]]] = {}
+    for (kind, rnd, conns, stream), plat in sorted(by.items(), key=lambda kv: kv[0][1:]):
+        lite = by.get(("LiteLLM", rnd, conns, stream))
+        d = direct.get((rnd, conns, stream))
+        if kind != "platform" or lite is None or d is None:
             continue
-        lite = by.get(("LiteLLM", conns, stream))
-        d = direct.get((conns, stream))
-        if lite is None or d is None:
-            continue
-        ratio = plat.result.rps / lite.result.rps if lite.result.rps else float("inf")
+        ratio, share, cpu, cap = _judge(plat, lite, d)
+        judged.setdefault((stream, conns), []).append((ratio, share))
         po, lo = plat.result.p99_ms - d.result.p99_ms, lite.result.p99_ms - d.result.p99_ms
-        share = po / lo if lo > 0 else float("inf")
-        cpu = (plat.cpu_all_us or plat.cpu_us or 0) / (lite.cpu_us or 1)
         mode = "stream" if stream else "plain"
-        # nobody beats the upstream alone at the same concurrency
-        ceiling = d.result.rps / lite.result.rps if lite.result.rps else float("inf")
-        cap = (
-            f"; at most {ceiling:.1f}x is possible here: the upstream alone serves "
-            f"{d.result.rps:,.0f} req/s at c={conns}"
-            if ceiling < 5
-            else ""
-        )
+        prefix = f"round {rnd + 1}: " if len(rounds) > 1 else ""
         lines.append(
-            f"{mode:6} c={conns:<3} req/s platform/LiteLLM = {ratio:.2f}x (target >= 5x: "
-            f"{'MET' if ratio >= 5 else 'NOT met'}{cap}); "
+            f"{prefix}{mode:6} c={conns:<3} req/s platform/LiteLLM = {ratio:.2f}x "
+            f"(target >= 5x: {_met(ratio >= 5)}{cap}); "
             f"p99 overhead platform/LiteLLM = "
             f"{po:.1f}/{lo:.1f} ms = {share:.2f} (target <= 0.20: "
-            f"{'MET' if share <= 0.2 else 'NOT met'}); CPU per request platform/LiteLLM = "
+            f"{_met(share <= 0.2)}); CPU per request platform/LiteLLM = "
             f"{cpu:.2f}x"
         )
+    if len(rounds) > 1 and judged:
+        lines.append("")
+        for (stream, conns), pairs in sorted(judged.items()):
+            ratios = sorted(p[0] for p in pairs)
+            shares = sorted(p[1] for p in pairs)
+            mid_r, mid_s = statistics.median(ratios), statistics.median(shares)
+            mode = "stream" if stream else "plain"
+            lines.append(
+                f"median of {len(pairs)} rounds: {mode:6} c={conns:<3} req/s ratio {mid_r:.2f}x "
+                f"({ratios[0]:.2f}-{ratios[-1]:.2f}; target >= 5x: {_met(mid_r >= 5)}); "
+                f"p99 overhead share {mid_s:.2f} ({shares[0]:.2f}-{shares[-1]:.2f}; "
+                f"target <= 0.20: {_met(mid_s <= 0.2)})"
+            )
     return lines
+
+
+def measure_cell(
+    mock: subprocess.Popen,
+    mock_url: str,
+    platform: Platform,
+    lite: LiteLLM | None,
+    broker: int | None,
+    connections: int,
+    seconds: float,
+    stream: bool,
+) -> list[Row]:
+    """One cell: direct to the mock, the platform, then LiteLLM (when it runs)."""
+    rows = [
+        measure(
+            "direct to mock",
+            f"{mock_url}/v1/chat/completions",
+            "none",
+            lambda: {"mock": [mock.pid]},
+            connections,
+            seconds,
+            stream,
+        ),
+        measure(
+            "platform (gateway+5 services)",
+            f"{platform.url}/v1/chat/completions",
+            platform.key,
+            platform.groups,
+            connections,
+            seconds,
+            stream,
+            after=platform.drain,
+            broker=broker,
+        ),
+    ]
+    if lite is not None:
+        rows.append(
+            measure(
+                "LiteLLM proxy (1 worker)",
+                f"{lite.url}/v1/chat/completions",
+                lite.master,
+                lambda: {"litellm": lite.pids},
+                connections,
+                seconds,
+                stream,
+            )
+        )
+    return rows
 
 
 def main() -> None:
@@ -750,6 +827,13 @@ def main() -> None:
         help="run the gateway and the services on asyncio's loop instead of uvloop",
     )
     ap.add_argument("--log-level", default="WARNING", help="LOG_LEVEL of the services")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every cell this many times, alternating the contenders; the verdict "
+        "then reports each round and the median ratio (one 8 s LiteLLM run moves by ±10 %%)",
+    )
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     ap.add_argument("--keep-logs", action="store_true", help="print the services' log tails")
@@ -774,7 +858,7 @@ def main() -> None:
     lite: LiteLLM | None = None
     broker = broker_pid()
     rows: list[Row] = []
-    direct: dict[tuple[int, bool], Row] = {}
+    direct: dict[tuple[int, int, bool], Row] = {}  # (round, connections, stream)
     started = time.monotonic()
     try:
         t0 = time.monotonic()
@@ -802,44 +886,16 @@ def main() -> None:
                 lite_note += f"; could NOT be started: {exc}\n{tail}"
                 lite.stop()
                 lite = None
-        for stream in modes:
-            for c in conns:
-                d = measure(
-                    "direct to mock",
-                    f"{mock_url}/v1/chat/completions",
-                    "none",
-                    lambda: {"mock": [mock.pid]},
-                    c,
-                    args.seconds,
-                    stream,
-                )
-                direct[(c, stream)] = d
-                rows.append(d)
-                rows.append(
-                    measure(
-                        "platform (gateway+5 services)",
-                        f"{platform.url}/v1/chat/completions",
-                        platform.key,
-                        platform.groups,
-                        c,
-                        args.seconds,
-                        stream,
-                        after=platform.drain,
-                        broker=broker,
+        for rnd in range(args.rounds):
+            for stream in modes:
+                for c in conns:
+                    cell = measure_cell(
+                        mock, mock_url, platform, lite, broker, c, args.seconds, stream
                     )
-                )
-                if lite is not None:
-                    rows.append(
-                        measure(
-                            "LiteLLM proxy (1 worker)",
-                            f"{lite.url}/v1/chat/completions",
-                            lite.master,
-                            lambda: {"litellm": lite.pids},
-                            c,
-                            args.seconds,
-                            stream,
-                        )
-                    )
+                    for row in cell:
+                        row.round = rnd
+                    direct[(rnd, c, stream)] = cell[0]
+                    rows += cell
     finally:
         problems = platform.log_problems()
         if args.keep_logs:
@@ -864,15 +920,21 @@ def main() -> None:
         f"started in {plat_start:.1f} s"
     )
     print(f"# {lite_note}")
-    for stream in modes:
-        print(f"\n## {'streamed (stream: true)' if stream else 'non-streamed'}")
-        print(render([r for r in rows if r.stream == stream], direct))
-        for r in rows:
-            if r.stream == stream and r.name.startswith("platform"):
-                parts = ", ".join(
-                    f"{k} {v / 1000:.2f}" for k, v in sorted(r.parts.items(), key=lambda kv: -kv[1])
-                )
-                print(f"platform c={r.connections} CPU ms per request by process: {parts}")
+    for rnd in range(args.rounds):
+        for stream in modes:
+            title = "streamed (stream: true)" if stream else "non-streamed"
+            if args.rounds > 1:
+                title += f", round {rnd + 1} of {args.rounds}"
+            print(f"\n## {title}")
+            cells = [r for r in rows if r.stream == stream and r.round == rnd]
+            print(render(cells, direct))
+            for r in cells:
+                if r.name.startswith("platform"):
+                    parts = ", ".join(
+                        f"{k} {v / 1000:.2f}"
+                        for k, v in sorted(r.parts.items(), key=lambda kv: -kv[1])
+                    )
+                    print(f"platform c={r.connections} CPU ms per request by process: {parts}")
     print(
         "\nCPU per request: the contender's processes' utime+stime / requests; "
         "platform: 'during load / including its events consumed after the load'; "
@@ -880,7 +942,8 @@ def main() -> None:
     )
     if broker:
         shares = [
-            f"c={r.connections}{' stream' if r.stream else ''}: {r.broker_us / 1000:.2f} ms"
+            f"{f'round {r.round + 1} ' if args.rounds > 1 else ''}c={r.connections}"
+            f"{' stream' if r.stream else ''}: {r.broker_us / 1000:.2f} ms"
             for r in rows
             if r.broker_us is not None
         ]
