@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import random
 import socket
 import time
 import uuid
@@ -58,6 +59,39 @@ def require_server(url: str, default_port: int, name: str) -> None:
 
 #: sockets held by :func:`refused_port` until the test process ends
 _HELD_PORTS: list[socket.socket] = []
+
+
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a server started next (often in
+    another process).
+
+    Chosen below the kernel's ephemeral range. A port that ``bind(0)`` hands out is
+    in that range, where any outgoing connection may take it as its source port
+    before the server binds it ("address already in use"). Below the range only
+    another explicit choice like this one can collide, and the bind check skips
+    ports taken now.
+    """
+    floor = _ephemeral_floor()
+    low = max(1024, min(20000, floor - 4000))
+    for _ in range(100):
+        port = random.randint(low, floor - 1)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # everything tried was taken: let the kernel pick
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def refused_port() -> int:

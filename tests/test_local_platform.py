@@ -6,21 +6,16 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import aiohttp
 import openai
 
+from tests.support import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = {"auth": 3001, "orchestrator": 3002, "proxy": 3003, "billing": 3004, "analytics": 3005}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def environment(tmp_path: Path) -> dict[str, str]:

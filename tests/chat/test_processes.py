@@ -7,20 +7,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 
 import aiohttp
 import pytest
 
+from tests.support import free_port
+
 from .conftest import ADMIN, MASTER_KEY, ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def base_env(tmp_path) -> dict[str, str]:

@@ -23,7 +23,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -52,7 +51,7 @@ from gateway.settings import GatewaySettings
 from services.common.events import metrics as event_metrics
 from services.common.events.settings import EventSettings
 from services.common.settings import DEFAULT_PORTS, ServiceSettings
-from tests.support import PG_URL, fail_or_skip, refused_port
+from tests.support import PG_URL, fail_or_skip, free_port, refused_port
 
 #: every module that defines aiagg_* metrics
 METRIC_MODULES = (gateway_metrics, consul_resolver, event_metrics)
@@ -109,10 +108,6 @@ def run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT,
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")

@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway.discovery import DiscoveryRouter, StaticResolver
 from gateway.server import Gateway
 from gateway.settings import GatewaySettings
+from tests.support import free_port  # noqa: F401 (test_http1 imports it from here)
 
 
 @dataclass
@@ -76,12 +77,6 @@ def status(code: int, headers: dict | None = None, delay: float = 0.0):
     return answer
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -5,20 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 
 import aiohttp
 import pytest
 
+from tests.support import free_port
+
 from .conftest import ADMIN, MASTER_KEY
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def run_service(name: str, env: dict[str, str]) -> tuple[int, str, list[dict]]:
