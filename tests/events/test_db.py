@@ -237,3 +237,91 @@ async def test_sqlite_busy_timeout_gives_up_with_the_driver_error(tmp_path: Path
         other.close()
     finally:
         await db.close()
+
+
+async def test_sqlite_transactions_reuse_their_connections(sqlite_db: Database) -> None:
+    """Transactions one after another run on one connection kept between them (BEGIN
+    and COMMIT go to the driver); 30 at once open more, and at most 16 stay idle."""
+    from sqlalchemy import event
+
+    await sqlite_db.create_all(counters.metadata)
+    opened: list[object] = []
+    event.listen(sqlite_db.sync_engine, "connect", lambda conn, _: opened.append(conn))
+    for i in range(20):
+        async with sqlite_db.transaction() as session:
+            await session.execute(insert(counters), {"name": f"n{i}", "value": i})
+        async with sqlite_db.session() as session:
+            await session.execute(select(counters.c.value).where(counters.c.name == f"n{i}"))
+    assert len(opened) <= 1  # the one create_all did not leave idle, at most
+    gate = asyncio.Event()
+
+    async def read() -> None:
+        async with sqlite_db.session() as session:
+            await gate.wait()
+            await session.execute(select(counters.c.name))
+
+    readers = [asyncio.create_task(read()) for _ in range(30)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(*readers)
+    assert len(sqlite_db._idle) == 16
+
+
+async def test_sqlite_fast_and_sqlalchemy_statements_share_one_transaction(
+    sqlite_db: Database,
+) -> None:
+    """A statement on SQLAlchemy's own path (``text()``) inside a transaction opened on
+    the driver joins it: both commit together, or both roll back."""
+    await sqlite_db.create_all(counters.metadata)
+    add = insert(counters)
+    for name in ("warm-1", "warm-2"):  # the statement object now takes the fast path
+        async with sqlite_db.transaction() as session:
+            await session.execute(add, {"name": name, "value": 0})
+    async with sqlite_db.transaction() as session:
+        await session.execute(add, {"name": "fast", "value": 1})
+        await session.execute(text("INSERT INTO counters (name, value) VALUES ('slow', 2)"))
+    with pytest.raises(ZeroDivisionError):
+        async with sqlite_db.transaction() as session:
+            await session.execute(add, {"name": "fast-x", "value": 3})
+            await session.execute(text("INSERT INTO counters (name, value) VALUES ('slow-x', 4)"))
+            _ = 1 / 0
+    async with sqlite_db.session() as session:
+        names = set((await session.execute(select(counters.c.name))).scalars().all())
+    assert names == {"warm-1", "warm-2", "fast", "slow"}
+    assert sqlite_db.statements is not None and sqlite_db.statements.fast >= 2
+
+
+async def test_sqlite_error_at_commit_is_sqlalchemys_and_rolls_back(tmp_path: Path) -> None:
+    """A deferred foreign key fails at COMMIT: the caller gets SQLAlchemy's
+    IntegrityError, nothing of the transaction stays, and the connection works after."""
+    from sqlalchemy import ForeignKey
+    from sqlalchemy.exc import IntegrityError
+
+    metadata = MetaData()
+    parents = Table("parents", metadata, Column("id", Integer, primary_key=True))
+    children = Table(
+        "children",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        Column(
+            "parent",
+            Integer,
+            ForeignKey("parents.id", deferrable=True, initially="DEFERRED"),
+            nullable=False,
+        ),
+    )
+    db = Database(f"sqlite:///{tmp_path}/fk.db")
+    try:
+        await db.create_all(metadata)
+        with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+            async with db.transaction() as session:
+                await session.execute(insert(children), {"id": 1, "parent": 42})
+                await session.execute(insert(parents), {"id": 7})
+        async with db.transaction() as session:
+            await session.execute(insert(parents), {"id": 42})
+            await session.execute(insert(children), {"id": 1, "parent": 42})
+        async with db.session() as session:
+            assert (await session.execute(select(parents.c.id))).scalars().all() == [42]
+            assert (await session.execute(select(children.c.parent))).scalars().all() == [42]
+    finally:
+        await db.close()
