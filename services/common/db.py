@@ -344,19 +344,22 @@ class Database:
         conn = self._idle.pop() if self._idle else self.sync_engine.connect()
         raw = conn.connection.dbapi_connection
         statement = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-        while True:
-            try:
-                raw.execute(statement)
-                return conn
-            except sqlite3.Error as exc:
-                error = _wrapped(statement, exc, self.dialect)
-                if not (isinstance(error, OperationalError) and _is_locked(error)) or (
-                    loop.time() >= deadline
-                ):
-                    self._release(conn)
-                    raise error from exc
-            await asyncio.sleep(pause * random.uniform(0.5, 1.0))
-            pause = min(pause * 2, 0.05)
+        try:
+            while True:
+                try:
+                    raw.execute(statement)
+                    return conn
+                except sqlite3.Error as exc:
+                    error = _wrapped(statement, exc, self.dialect)
+                    if not (isinstance(error, OperationalError) and _is_locked(error)) or (
+                        loop.time() >= deadline
+                    ):
+                        raise error from exc
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, 0.05)
+        except BaseException:  # refused, timed out or cancelled while waiting for the lock
+            self._release(conn)
+            raise
 
     def _end(self, conn: Connection, *, commit: bool) -> None:
         """COMMIT or ROLLBACK, through SQLAlchemy when it adopted the transaction (its

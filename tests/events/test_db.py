@@ -325,3 +325,35 @@ async def test_sqlite_error_at_commit_is_sqlalchemys_and_rolls_back(tmp_path: Pa
             assert (await session.execute(select(children.c.parent))).scalars().all() == [42]
     finally:
         await db.close()
+
+
+async def test_sqlite_writer_cancelled_while_waiting_for_the_lock_keeps_its_connection(
+    tmp_path: Path,
+) -> None:
+    """A write transaction cancelled while another process holds the lock gives its
+    connection back (not leaked), and the next transaction runs on it."""
+    import sqlite3
+
+    db = Database(f"sqlite:///{tmp_path}/x.db", busy_timeout_ms=5_000)
+    try:
+        await db.create_all(counters.metadata)
+        other = sqlite3.connect(f"{tmp_path}/x.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+
+        async def write() -> None:
+            async with db.transaction() as session:
+                await session.execute(insert(counters), {"name": "late", "value": 1})
+
+        waiting = asyncio.create_task(write())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert len(db._idle) == 1
+        other.execute("ROLLBACK")
+        other.close()
+        await write()
+        assert len(db._idle) == 1
+    finally:
+        await db.close()
