@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import random
 import re
 import shutil
 import socket
@@ -24,28 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def free_port() -> int:
-    """A loopback port for a server started next, below the kernel's ephemeral range
-    (as ``tests.support.free_port``: a port ``bind(0)`` hands out can be taken by an
-    outgoing connection before the server binds it, which once failed a whole run)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            floor = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        floor = 32768
-    low = max(1024, min(20000, floor - 4000))
-    for _ in range(100):
-        port = random.randint(low, floor - 1)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# ports below the kernel's ephemeral range, so that no outgoing connection takes one
+# before the server binds it (a run once failed with "address already in use")
+from tests.support import free_port  # noqa: E402, F401 (re-exported for the bench scripts)
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
