@@ -23,6 +23,17 @@ async def run_service(name: str, env: dict[str, str]) -> tuple[int, str, list[di
         sys.executable, "-m", f"services.{name}",
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
+    chunks: list[bytes] = []
+
+    async def collect() -> None:  # all along, so that a failure can show the output
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(4096):
+            chunks.append(chunk)
+
+    def output() -> str:
+        return b"".join(chunks).decode(errors="replace")
+
+    collector = asyncio.create_task(collect())
     answers: list[dict] = []
     try:
         async with aiohttp.ClientSession() as http:
@@ -34,17 +45,22 @@ async def run_service(name: str, env: dict[str, str]) -> tuple[int, str, list[di
                         break
                 except aiohttp.ClientConnectionError:
                     if proc.returncode is not None or time.monotonic() > deadline:
-                        out = (await proc.stdout.read()).decode()
-                        pytest.fail(f"services.{name} did not come up:\n{out}")
+                        pytest.fail(f"services.{name} did not come up:\n{output()}")
                     await asyncio.sleep(0.1)
             async with http.get(f"http://127.0.0.1:{port}/nope", headers=ADMIN) as resp:
                 answers.append({"status": resp.status, "body": await resp.json()})
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        out = (await asyncio.wait_for(proc.stdout.read(), 20)).decode()
-        code = await asyncio.wait_for(proc.wait(), 20)
-    return code, out, answers
+        try:
+            code = await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
+            proc.kill()  # a stuck shutdown says what it was doing, not a bare TimeoutError
+            await proc.wait()
+            await collector
+            pytest.fail(f"services.{name} did not stop within 20 s of SIGTERM:\n{output()}")
+        await asyncio.wait_for(collector, 20)
+    return code, output(), answers
 
 
 async def test_billing_runs_on_rabbitmq_from_the_environment(tmp_path, rabbit_settings):
