@@ -3,6 +3,7 @@ proxy, and straight to the upstream, all three calling the very same OpenAI-comp
 
     .venv/bin/python bench/chat_vs_litellm.py [--seconds 8] [--connections 10,50]
                                               [--latency 20ms] [--no-stream] [--db sqlite]
+                                              [--rounds 1]
 
 * **platform**: ``python -m gateway`` (forward-auth to auth, cached 5 s) -> orchestrator
   (validation, hold with billing, ``route.decided``) -> proxy (provider call, usage row
