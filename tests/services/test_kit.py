@@ -346,3 +346,42 @@ def test_analytics_runs_at_a_lower_cpu_priority_by_default() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert out.stdout.strip() == "5"
+
+
+async def test_shutdown_does_not_wait_forever_for_a_task_that_ignores_cancellation(
+    tmp_path, monkeypatch, caplog
+):
+    """A background task whose cleanup hangs (seen: a RabbitMQ channel close that never
+    got its answer) once kept a SIGTERMed billing alive for good. Shutdown now waits
+    ``TASK_STOP_GRACE`` for it, names it in a warning and goes on."""
+    import asyncio
+    import time
+
+    from services.common import app as kit
+
+    monkeypatch.setattr(kit, "TASK_STOP_GRACE", 0.3)
+    started = asyncio.Event()
+    forever = asyncio.Event()
+
+    async def stubborn(app: web.Application) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await forever.wait()  # a cleanup that never finishes: the first cancel is spent
+
+    settings = DemoSettings(database_url=f"sqlite:///{tmp_path}/stop.db")
+    bus = InProcessBus(fast_event_settings())
+    app = create_service_app(
+        settings, routes=demo_routes, bus=bus, register=False, tasks=[stubborn]
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await asyncio.wait_for(started.wait(), 5)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING", logger="aiagg"):
+        await asyncio.wait_for(runner.cleanup(), 10)
+    assert time.monotonic() - t0 < 5
+    assert any("did not stop within" in r.getMessage() for r in caplog.records)
+    forever.set()
+    await bus.close()

@@ -606,8 +606,11 @@ class RabbitBus(EventBus):
             yield channel
         finally:
             if not channel.is_closed:
-                with contextlib.suppress(*CONNECTION_EXCEPTIONS):
-                    await channel.close()
+                # bounded: when the broker closed the channel at the same moment (a
+                # passive declare's 404), our Close may never get its Close-Ok
+                with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+                    async with asyncio.timeout(2):
+                        await channel.close()
 
     async def _count(self, physical: str) -> int | None:
         try:
