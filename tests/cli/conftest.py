@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tests.gateway.conftest import free_port, make_upstream, start_gateway
+from tests.gateway.conftest import make_upstream, start_gateway
 
-__all__ = ["free_port", "make_upstream", "start_gateway"]
+__all__ = ["make_upstream", "start_gateway"]

@@ -20,9 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import fail_or_skip
-
-from .conftest import free_port
+from tests.support import fail_or_skip, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "var" / "screenshots" / "dashboard.png"

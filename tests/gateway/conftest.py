@@ -15,7 +15,6 @@ from aiohttp import web
 from gateway.discovery import DiscoveryRouter, StaticResolver
 from gateway.server import Gateway
 from gateway.settings import GatewaySettings
-from tests.support import free_port  # noqa: F401 (test_http1 imports it from here)
 
 
 @dataclass

@@ -11,8 +11,7 @@ from aiohttp import ServerDisconnectedError, web
 
 from gateway.accesslog import AccessLog
 from gateway.http1 import ConnectError, ConnectionPool
-
-from .conftest import free_port
+from tests.support import refused_url
 
 
 class RawServer:
@@ -168,7 +167,7 @@ async def test_connect_errors_and_read_timeout():
     pool = ConnectionPool()
     with pytest.raises(ConnectError):
         await pool.request(
-            f"http://127.0.0.1:{free_port()}",
+            refused_url(),
             "GET",
             "/",
             {},
