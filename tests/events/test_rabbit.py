@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aio_pika
 import aiormq
@@ -25,6 +28,8 @@ from services.common.events import (
 from tests.support import TcpRelay
 
 from .conftest import BusKit, eventually, test_settings, via_proxy
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def _get(url: str, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
@@ -302,3 +307,68 @@ async def test_a_conflicting_topology_fails_start_instead_of_retrying(rabbit_kit
         await bus.start()
     assert time.monotonic() - began < 3
     assert not bus.connected
+
+
+# A broker that accepts TCP and never speaks AMQP. The scenario runs in its own
+# interpreter: when stopping the bus leaves aio-pika's reconnection task behind, that
+# task swallows the event loop's final cancellation and the process never exits, which
+# here fails by timeout instead of hanging the test run.
+_SILENT_BROKER_SCENARIO = """
+import asyncio, logging, sys
+from services.common.events import RabbitBus
+from services.common.events.settings import EventSettings
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+
+async def main(wait):
+    held = []
+
+    async def silent(reader, writer):
+        held.append(writer)
+        await reader.read()  # until the client goes away
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = EventSettings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/", amqp_connect_timeout="200ms"
+    )
+    bus = RabbitBus(settings=settings, queues=())
+    await bus.start()  # returns after AMQP_CONNECT_TIMEOUT, still trying
+    assert not bus.connected
+    await asyncio.sleep(wait)
+    await bus.close()
+    server.close()
+    for writer in held:
+        writer.close()
+    left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    print("LEFT", len(left), [repr(t.get_coro())[:80] for t in left])
+
+asyncio.run(main(float(sys.argv[1])))
+print("EXITED")
+"""
+
+
+@pytest.mark.parametrize(
+    "wait", [0.1, 2.5], ids=["closed-during-the-first-attempt", "closed-after-a-retry"]
+)
+def test_closing_while_a_silent_broker_is_being_connected_to_leaves_nothing(
+    wait: float,
+) -> None:
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _SILENT_BROKER_SCENARIO, str(wait)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process did not exit after the bus was closed: {exc.stdout!r}")
+    assert result.returncode == 0, result.stderr
+    assert "LEFT 0 []" in result.stdout, result.stdout
+    assert result.stdout.rstrip().endswith("EXITED")
+    # stopping an attempt is not a set-up failure
+    assert "set-up failed" not in result.stdout + result.stderr
+    if wait > 1:
+        assert "timed out: is it a RabbitMQ server" in result.stdout

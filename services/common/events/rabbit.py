@@ -105,6 +105,31 @@ def _clean_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _recorded(made: list[AbstractRobustConnection]) -> Any:
+    """A ``connection_class`` for ``connect_robust`` that remembers what it made."""
+
+    def make(*args: Any, **kwargs: Any) -> aio_pika.RobustConnection:
+        connection = aio_pika.RobustConnection(*args, **kwargs)
+        made.append(connection)
+        return connection
+
+    return make
+
+
+def _why(exc: BaseException) -> str:
+    """A connection failure in words; a timeout's own text is empty."""
+    if isinstance(exc, TimeoutError):
+        return "timed out: is it a RabbitMQ server, and is it overloaded?"
+    return str(exc) or type(exc).__name__
+
+
+async def _close_quietly(connection: AbstractRobustConnection) -> None:
+    """Close a connection that failed or was given up on; bounded, never raises."""
+    with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
+        async with asyncio.timeout(5):
+            await connection.close()
+
+
 @dataclass
 class _Subscription:
     queue: str
@@ -203,22 +228,26 @@ class RabbitBus(EventBus):
         delay = self.settings.amqp_reconnect_interval or 0.1
         attempt = 0
         while not self._closing:
-            connection: AbstractRobustConnection | None = None
+            # aio-pika's connection object exists before connect_robust() returns, and its
+            # reconnection task outlives a cancelled connect_robust() (it swallows the
+            # cancellation until close() is called): keep hold of it so it can be closed
+            made: list[AbstractRobustConnection] = []
             try:
                 connection = await aio_pika.connect_robust(
                     self.url,
                     reconnect_interval=self.settings.amqp_reconnect_interval,
                     client_properties={"connection_name": self.connection_name},
                     timeout=max(1.0, min(10.0, self.settings.amqp_connect_timeout)),
+                    connection_class=_recorded(made),
                 )
                 async with asyncio.timeout(max(10.0, self.settings.amqp_connect_timeout)):
                     await self._setup(connection)
             except BaseException as exc:
-                if connection is not None:
+                if made:
                     self._ready.clear()
-                    with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
-                        async with asyncio.timeout(5):
-                            await connection.close()
+                    await _close_quietly(made[0])
+                if isinstance(exc, asyncio.CancelledError):
+                    raise  # close() stops a connection attempt: not a set-up error
                 if isinstance(exc, _FATAL) or not isinstance(
                     exc, (*CONNECTION_EXCEPTIONS, TimeoutError)
                 ):
@@ -230,7 +259,7 @@ class RabbitBus(EventBus):
                 (log.warning if attempt == 1 else log.info)(
                     "cannot connect to RabbitMQ at %s (%s); retrying in %.1fs",
                     self.display_url(),
-                    exc,
+                    _why(exc),
                     pause,
                 )
                 await asyncio.sleep(pause)
