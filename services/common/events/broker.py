@@ -51,7 +51,7 @@ def listed_names(matches: Callable[[str], bool]) -> set[str]:
 
 async def delete_names(url: str, names: Iterable[str]) -> None:
     """Delete queues and exchanges by name (missing ones are fine)."""
-    connection = await aio_pika.connect(url)
+    connection = await aio_pika.connect(url, timeout=10)
     try:
         for name in sorted(set(names)):
             for kind in ("queue", "exchange"):
