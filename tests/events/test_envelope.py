@@ -187,6 +187,23 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.retry_delays_in_use() == (0.1, 1.0)
 
 
+def test_every_duration_setting_takes_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EVENTS_CONSUMER_LINGER=10ms once failed as "not a number": every duration takes units."""
+    durations = [n for n, f in EventSettings.model_fields.items() if f.annotation is float]
+    assert {"events_consumer_linger", "events_outbox_linger", "amqp_connect_timeout"} <= set(
+        durations
+    )
+    for name in durations:
+        monkeypatch.setenv(name.upper(), "250ms")
+    s = EventSettings(events_outbox_backoff_max="1s")
+    assert {name: getattr(s, name) for name in durations} == {
+        name: (1.0 if name == "events_outbox_backoff_max" else 0.25) for name in durations
+    }
+    monkeypatch.setenv("EVENTS_CONSUMER_LINGER", "soon")
+    with pytest.raises(ValueError, match="not a duration"):
+        EventSettings()
+
+
 def test_settings_defaults_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("AMQP_URL", "EVENTS_NAMESPACE", "EVENTS_RETRY_DELAYS", "EVENTS_MAX_ATTEMPTS"):
         monkeypatch.delenv(name, raising=False)

@@ -98,6 +98,41 @@ async def test_commit_wakes_the_relay_at_once(sqlite_db: Database, bus_kit: BusK
         await relay.close()
 
 
+async def test_a_woken_relay_lingers_and_sends_what_came_meanwhile_in_one_drain(
+    sqlite_db: Database, bus_kit: BusKit
+) -> None:
+    """EVENTS_OUTBOX_LINGER: one drain (one SELECT, one mark-sent) for a burst of commits."""
+    await sqlite_db.create_all(outbox_metadata)
+    bus = await bus_kit.make([QueueSpec("burst", ("#",))])
+    got = await collector(bus, "burst", ["#"])
+    drains: list[tuple[float, int]] = []
+
+    class Counted(OutboxRelay):
+        async def run_once(self) -> int:
+            sent = await super().run_once()
+            drains.append((time.monotonic(), sent))
+            return sent
+
+    relay = Counted(
+        sqlite_db,
+        bus,
+        test_settings(events_outbox_poll_interval="30s", events_outbox_linger="300ms"),
+    )
+    await relay.start()
+    try:
+        await eventually(lambda: len(drains) == 1, what="the first (empty) drain")
+        began = time.monotonic()
+        for i in range(3):  # three commits within the linger
+            async with sqlite_db.transaction() as session:
+                await record(session, USAGE_RECORDED, {"n": i}, "proxy")
+            await asyncio.sleep(0.05)
+        await eventually(lambda: len(got) == 3, within=5, what="the three events")
+        assert [sent for _, sent in drains[1:]] == [3]  # one drain sent all three
+        assert drains[1][0] - began >= 0.3  # it waited for the linger first
+    finally:
+        await relay.close()
+
+
 async def test_events_recorded_while_broker_is_down_are_all_delivered_in_order(
     any_db: Database, rabbit_kit: BusKit, amqp_proxy: TcpRelay
 ) -> None:

@@ -144,9 +144,10 @@ async def pending_count(db: Database) -> int:
 class OutboxRelay:
     """Publishes the outbox of ``db`` through ``bus``; one per service process.
 
-    ``start()`` runs it in the background; ``notify()`` wakes it at once (called for you
-    after every commit of a ``db`` session that recorded events); otherwise it polls every
-    ``EVENTS_OUTBOX_POLL_INTERVAL``. Two relays on one database stay correct (consumers
+    ``start()`` runs it in the background; ``notify()`` wakes it (called for you after
+    every commit of a ``db`` session that recorded events), and it reads the outbox
+    ``EVENTS_OUTBOX_LINGER`` later, so a burst of commits costs one drain; otherwise it
+    polls every ``EVENTS_OUTBOX_POLL_INTERVAL``. Two relays on one database stay correct (consumers
     dedupe) but may publish some events twice.
     """
 
@@ -434,9 +435,13 @@ class OutboxRelay:
                     await self.purge_processed(retention)
                 except Exception:
                     log.exception("outbox %s: purge of old rows failed", self.name)
+            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.events_outbox_poll_interval):
                     await self._wake.wait()
+                    woken = True
+            if woken and self.settings.events_outbox_linger:
+                await asyncio.sleep(self.settings.events_outbox_linger)
 
 
 __all__ = [
