@@ -706,20 +706,39 @@ def render(rows: list[Row], direct: dict[tuple[int, int, bool], Row]) -> str:
 
 
 def _judge(plat: Row, lite: Row, d: Row) -> tuple[float, float, float, str]:
-    """req/s ratio, p99-overhead share, CPU ratio, and the cap the upstream sets (if < 5x)."""
+    """req/s ratio, p99-overhead share, CPU ratio, and what the upstream leaves of 5x."""
     ratio = plat.result.rps / lite.result.rps if lite.result.rps else float("inf")
     po, lo = plat.result.p99_ms - d.result.p99_ms, lite.result.p99_ms - d.result.p99_ms
     share = po / lo if lo > 0 else float("inf")
     cpu = (plat.cpu_all_us or plat.cpu_us or 0) / (lite.cpu_us or 1)
-    # nobody beats the upstream alone at the same concurrency
-    ceiling = d.result.rps / lite.result.rps if lite.result.rps else float("inf")
-    cap = (
-        f"; at most {ceiling:.1f}x is possible here: the upstream alone serves "
-        f"{d.result.rps:,.0f} req/s at c={plat.connections}"
-        if ceiling < 5
-        else ""
+    return ratio, share, cpu, _cap(plat.connections, lite.result.rps, d.result.rps)
+
+
+def _cap(conns: int, lite_rps: float, direct_rps: float) -> str:
+    """What 5x asks for when the upstream alone comes close to it ("" when it does not).
+
+    Nobody beats the upstream alone at the same concurrency, and by Little's law c
+    connections at R req/s spend c/R seconds per request: 5x LiteLLM leaves the platform
+    c/(5 * LiteLLM) - c/direct per request on top of the upstream's own time.
+    """
+    if not lite_rps or not direct_rps:
+        return ""
+    ceiling = direct_rps / lite_rps
+    if ceiling < 5:
+        return (
+            f"; at most {ceiling:.1f}x is possible here: the upstream alone serves "
+            f"{direct_rps:,.0f} req/s at c={conns}"
+        )
+    needed = 5 * lite_rps
+    if needed < 0.8 * direct_rps:
+        return ""
+    upstream_ms = 1000 * conns / direct_rps
+    budget_ms = 1000 * conns / needed - upstream_ms
+    return (
+        f"; 5x is {needed:,.0f} req/s, {needed / direct_rps:.0%} of the upstream alone "
+        f"({direct_rps:,.0f} req/s at c={conns}): {budget_ms:.1f} ms per request for the "
+        f"whole platform path on top of the upstream's {upstream_ms:.1f} ms"
     )
-    return ratio, share, cpu, cap
 
 
 def _met(ok: bool) -> str:

@@ -64,3 +64,20 @@ def test_the_upstream_ceiling_is_named_when_it_caps_the_ratio() -> None:
             row.result = LoadResult(4610, 10.0, 21.0, 22.0, 0)  # 461 req/s: 4.4x at most
     (line,) = bench.verdict(rows, direct)
     assert "at most 4.4x is possible here: the upstream alone serves 461 req/s at c=10" in line
+
+
+def test_the_latency_budget_is_named_when_5x_is_close_to_the_upstream_alone() -> None:
+    # LiteLLM 88 req/s: 5x = 440 req/s = 95 % of the upstream's 465 at c=10, so the
+    # platform would get 10/440 - 10/465 s = 1.2 ms per request on top of 21.5 ms
+    rows, direct = _cells([(231, 60.0, 88, 184.0)], conns=10)
+    for row in rows:
+        if row.name.startswith("direct"):
+            row.result = LoadResult(4650, 10.0, 21.0, 22.0, 0)
+    (line,) = bench.verdict(rows, direct)
+    assert (
+        "5x is 440 req/s, 95% of the upstream alone (465 req/s at c=10): 1.2 ms per request "
+        "for the whole platform path on top of the upstream's 21.5 ms" in line
+    )
+    # far from the upstream's rate (c=50 here: 2,000 req/s alone), nothing is added
+    rows, direct = _cells([(520, 120.0, 100, 520.0)])
+    assert "upstream" not in bench.verdict(rows, direct)[0]
