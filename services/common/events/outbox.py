@@ -147,8 +147,8 @@ class OutboxRelay:
     ``start()`` runs it in the background; ``notify()`` wakes it (called for you after
     every commit of a ``db`` session that recorded events), and it reads the outbox
     ``EVENTS_OUTBOX_LINGER`` later, so a burst of commits costs one drain; otherwise it
-    polls every ``EVENTS_OUTBOX_POLL_INTERVAL``. Two relays on one database stay correct (consumers
-    dedupe) but may publish some events twice.
+    polls every ``EVENTS_OUTBOX_POLL_INTERVAL``. Two relays on one database stay correct
+    (consumers dedupe) but may publish some events twice.
     """
 
     def __init__(
