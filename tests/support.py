@@ -7,7 +7,8 @@
 * per-test isolation: :func:`fresh_database` (a PostgreSQL database of the test's own)
   and :func:`delete_names` (a RabbitMQ namespace's queues and exchanges);
   :func:`sweep_namespaces` deletes what crashed tests left on the broker.
-* :func:`eventually` (:func:`seconds_until` to time it), :func:`fast_event_settings`,
+* :func:`eventually` (:func:`seconds_until` to time it), :func:`serves_health` (a
+  service process is up), :func:`fast_event_settings`,
   :func:`run_in_thread`, and :class:`TcpRelay`, a TCP forwarder a test can cut to make a
   peer vanish.
 """
@@ -25,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
+import aiohttp
 import asyncpg
 import pytest
 from yarl import URL
@@ -141,6 +143,26 @@ async def seconds_until(
     started = time.monotonic()
     await eventually(predicate, within, interval, what)
     return time.monotonic() - started
+
+
+async def serves_health(proc: asyncio.subprocess.Process, port: int, within: float = 20) -> bool:
+    """Wait until the service process on ``port`` answers ``GET /health`` with 200.
+
+    False when the process exited first or ``within`` seconds passed: the caller fails
+    the test with the process's output, which only it knows how to read.
+    """
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                    if resp.status == 200:
+                        return True
+            except aiohttp.ClientConnectionError:
+                pass
+            if proc.returncode is not None or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
 
 
 def fast_event_settings(**overrides: Any) -> EventSettings:

@@ -8,12 +8,11 @@ import asyncio
 import os
 import signal
 import sys
-import time
 
 import aiohttp
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, serves_health
 
 from .conftest import ADMIN, MASTER_KEY, ROOT
 
@@ -36,19 +35,9 @@ async def start(name: str, env: dict[str, str]) -> asyncio.subprocess.Process:
 
 
 async def wait_up(proc: asyncio.subprocess.Process, port: int) -> None:
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            if proc.returncode is not None or time.monotonic() > deadline:
-                out = (await proc.stdout.read()).decode() if proc.stdout else ""
-                pytest.fail(f"service on {port} did not come up:\n{out}")
-            await asyncio.sleep(0.1)
+    if not await serves_health(proc, port):
+        out = (await proc.stdout.read()).decode() if proc.stdout else ""
+        pytest.fail(f"service on {port} did not come up:\n{out}")
 
 
 async def stop(proc: asyncio.subprocess.Process, *, signal_it: bool = True) -> tuple[int, str]:

@@ -22,7 +22,7 @@ import pytest
 from services.common.events import USAGE_RECORDED, Event, EventSettings, RabbitBus
 from services.common.events.broker import queue_depths
 from services.common.events.topology import Topology
-from tests.support import free_port
+from tests.support import free_port, serves_health
 
 from .conftest import ADMIN, MASTER_KEY
 
@@ -58,19 +58,9 @@ async def _start(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.billing", env=env, stdout=out, stderr=out
         )
-    port = env["BILLING_PORT"]
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/health") as resp:
-                    if resp.status == 200:
-                        return proc
-            except aiohttp.ClientConnectionError:
-                pass
-            if proc.returncode is not None or time.monotonic() > deadline:
-                pytest.fail(f"billing did not come up:\n{_tail(log)}")
-            await asyncio.sleep(0.1)
+    if not await serves_health(proc, int(env["BILLING_PORT"])):
+        pytest.fail(f"billing did not come up:\n{_tail(log)}")
+    return proc
 
 
 def _tail(log: Path) -> str:
