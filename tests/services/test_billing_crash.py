@@ -8,6 +8,7 @@ The fault-injection bench does this on PostgreSQL; here it runs on the store a p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -50,6 +51,7 @@ def _usage(request_id: str, user_id: str) -> Event:
 
 
 def _append(log: Path):
+    """The log, opened for the child's output (a blocking call, kept out of coroutines)."""
     return log.open("ab")
 
 
@@ -69,7 +71,7 @@ def _tail(log: Path) -> str:
 
 
 def _charged(db: Path, user_id: str) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
         return conn.execute(
             "SELECT count(*) FROM billing_ledger WHERE user_id = ? AND kind = 'charge'",
             (user_id,),
@@ -155,7 +157,7 @@ async def test_billing_killed_while_charging_loses_and_doubles_nothing(
                 proc.kill()
                 await proc.wait()
 
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         charges = conn.execute(
             "SELECT charge_request_id, amount_micro FROM billing_ledger "
             "WHERE user_id = ? AND kind = 'charge'",
