@@ -10,6 +10,7 @@ table shows RSS per slice and the growth between the first warm slice and the en
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,25 +27,29 @@ def main() -> None:
     args = ap.parse_args()
 
     up_port, gw_port, admin_port = free_port(), free_port(), free_port()
-    upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
-    routes = Path(tempfile.mkdtemp()) / "routes.yaml"
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-memory-"))
+    routes = work / "routes.yaml"
     routes.write_text(ROUTES.format(port=up_port))
-    gateway = start(
-        [PY, "-m", "gateway"],
-        env={
-            "GATEWAY_ROUTES_FILE": str(routes),
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_PORT": str(gw_port),
-            "GATEWAY_ADMIN_PORT": str(admin_port),
-        },
-        port=gw_port,
-    )
     url = f"http://127.0.0.1:{gw_port}/bench/item"
     rows: list[list[str]] = []
     served = 0
     elapsed = 0.0
-    samples: list[float] = [rss_mib(gateway.pid)]
+    started = []  # stopped in the end, even when the second start fails
     try:
+        upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
+        started.append(upstream)
+        gateway = start(
+            [PY, "-m", "gateway"],
+            env={
+                "GATEWAY_ROUTES_FILE": str(routes),
+                "GATEWAY_HOST": "127.0.0.1",
+                "GATEWAY_PORT": str(gw_port),
+                "GATEWAY_ADMIN_PORT": str(admin_port),
+            },
+            port=gw_port,
+        )
+        started.append(gateway)
+        samples: list[float] = [rss_mib(gateway.pid)]
         while served < args.requests and elapsed < args.max_minutes * 60:
             result, tool = load(url, args.connections, args.slice_seconds)
             served += result.requests
@@ -60,7 +65,8 @@ def main() -> None:
                 ]
             )
     finally:
-        stop(gateway, upstream)
+        stop(*started)
+        shutil.rmtree(work, ignore_errors=True)
     warm = samples[2] if len(samples) > 2 else samples[-1]
     print(f"# gateway memory over {served:,} requests — {machine_line()}")
     print(f"# load: {tool}, {args.connections} connections, slices of {args.slice_seconds}s")

@@ -68,12 +68,15 @@ http {{
 """
 
 
-def start_nginx(port: int, up_port: int):
-    """nginx 1 worker with upstream keep-alive, as in ../shared/BENCHMARKING.md; None if absent."""
+def start_nginx(port: int, up_port: int, work: Path):
+    """nginx 1 worker with upstream keep-alive, as in ../shared/BENCHMARKING.md; None if absent.
+
+    ``work`` is its prefix directory (config, logs, temp files); the caller removes it.
+    """
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         return None
-    work = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    work.mkdir()
     conf = work / "nginx.conf"
     conf.write_text(NGINX.format(dir=work, up=up_port, port=port))
     return start([binary, "-c", str(conf), "-p", str(work)], port=port)
@@ -90,56 +93,70 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=2, help="seconds of load before each measure")
     args = ap.parse_args()
 
     up_port, bare_port, gw_port, admin_port, nginx_port, gw2_port, admin2_port = (
         free_port() for _ in range(7)
     )
     shared_port, shared_admin1, shared_admin2 = (free_port() for _ in range(3))
-    upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
-    bare = start(
-        [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{up_port}"], port=bare_port
-    )
-    routes = Path(tempfile.mkdtemp()) / "routes.yaml"
-    routes.write_text(ROUTES.format(port=up_port))
-    env = {
-        "GATEWAY_ROUTES_FILE": str(routes),
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(gw_port),
-        "GATEWAY_ADMIN_PORT": str(admin_port),
-    }
-    gateway_cmd = [PY, "-m", "gateway"]
-    gateway = start(gateway_cmd, env=env, port=gw_port)  # the default: on uvloop
-    plain_env = env | {
-        "GATEWAY_UVLOOP": "false",
-        "GATEWAY_PORT": str(gw2_port),
-        "GATEWAY_ADMIN_PORT": str(admin2_port),
-    }
-    gateway_asyncio = start(gateway_cmd, env=plain_env, port=gw2_port)
-    # two gateway processes on one port (GATEWAY_REUSE_PORT): the kernel spreads the
-    # connections; both share the two cores with the load generator and the upstream
-    shared_env = env | {"GATEWAY_PORT": str(shared_port), "GATEWAY_REUSE_PORT": "true"}
-    shared = [
-        start(gateway_cmd, env=shared_env | {"GATEWAY_ADMIN_PORT": str(admin)}, port=shared_port)
-        for admin in (shared_admin1, shared_admin2)
-    ]
-    nginx = start_nginx(nginx_port, up_port)
-    contenders = [("direct to upstream", up_port, [upstream])]
-    if nginx is not None:
-        contenders.append(("nginx 1 worker, keepalive 64", nginx_port, [nginx]))
-    contenders += [
-        ("30-line aiohttp proxy", bare_port, [bare]),
-        ("gateway, asyncio's loop", gw2_port, [gateway_asyncio]),
-        ("gateway (full policy chain, uvloop)", gw_port, [gateway]),
-        ("gateway, 2 processes sharing the port", shared_port, shared),
-    ]
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    started: list = []  # everything started so far is stopped, even if a later start fails
+
+    def launch(args: list[str], **kwargs):
+        proc = start(args, **kwargs)
+        started.append(proc)
+        return proc
+
     rows = []
     measured: dict[str, tuple[float, float]] = {}
     tool = ""
     try:
+        upstream = launch([PY, "bench/upstream.py", str(up_port)], port=up_port)
+        bare = launch(
+            [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{up_port}"],
+            port=bare_port,
+        )
+        routes = work / "routes.yaml"
+        routes.write_text(ROUTES.format(port=up_port))
+        env = {
+            "GATEWAY_ROUTES_FILE": str(routes),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(gw_port),
+            "GATEWAY_ADMIN_PORT": str(admin_port),
+        }
+        gateway_cmd = [PY, "-m", "gateway"]
+        gateway = launch(gateway_cmd, env=env, port=gw_port)  # the default: on uvloop
+        plain_env = env | {
+            "GATEWAY_UVLOOP": "false",
+            "GATEWAY_PORT": str(gw2_port),
+            "GATEWAY_ADMIN_PORT": str(admin2_port),
+        }
+        gateway_asyncio = launch(gateway_cmd, env=plain_env, port=gw2_port)
+        # two gateway processes on one port (GATEWAY_REUSE_PORT): the kernel spreads the
+        # connections; both share the two cores with the load generator and the upstream
+        shared_env = env | {"GATEWAY_PORT": str(shared_port), "GATEWAY_REUSE_PORT": "true"}
+        shared = [
+            launch(
+                gateway_cmd, env=shared_env | {"GATEWAY_ADMIN_PORT": str(admin)}, port=shared_port
+            )
+            for admin in (shared_admin1, shared_admin2)
+        ]
+        nginx = start_nginx(nginx_port, up_port, work / "nginx")
+        if nginx is not None:
+            started.append(nginx)
+        contenders = [("direct to upstream", up_port, [upstream])]
+        if nginx is not None:
+            contenders.append(("nginx 1 worker, keepalive 64", nginx_port, [nginx]))
+        contenders += [
+            ("30-line aiohttp proxy", bare_port, [bare]),
+            ("gateway, asyncio's loop", gw2_port, [gateway_asyncio]),
+            ("gateway (full policy chain, uvloop)", gw_port, [gateway]),
+            ("gateway, 2 processes sharing the port", shared_port, shared),
+        ]
         for name, port, procs in contenders:
             url = f"http://127.0.0.1:{port}/bench/item?x=1"
-            load(url, args.connections, 2)  # warm up connections and caches
+            load(url, args.connections, args.warmup)  # warm up connections and caches
             pids = [worker_pid(p.pid) if p is nginx else p.pid for p in procs]
             cpu0 = sum(cpu_seconds(pid) for pid in pids)
             result, tool = load(url, args.connections, args.seconds)
@@ -158,8 +175,8 @@ def main() -> None:
             )
             time.sleep(0.5)
     finally:
-        procs = (gateway, gateway_asyncio, *shared, bare, upstream, nginx)
-        stop(*(p for p in procs if p is not None))
+        stop(*started)
+        shutil.rmtree(work, ignore_errors=True)
     print(f"# gateway vs bare proxy vs direct — {machine_line()}")
     print(f"# load: {tool}, {args.connections} connections, {args.seconds}s, small GET, loopback")
     print(table(["path", "req/s", "p50", "p99", "CPU per request", "errors"], rows))
