@@ -417,6 +417,33 @@ async def test_billing_down_is_503_and_a_few_log_lines_not_one_per_request(
     assert (await p.balance(user))["balance"] == "1.000000"
 
 
+async def test_chat_is_back_within_seconds_of_billing(start_platform):
+    """The shipped routes.yaml probes billing 2 s after the orchestrator's breaker for it
+    opened: a billing restart takes about 1.5 s (bench/fault_injection.py), and with the
+    5 s it had before chat stayed down 3.4 s longer than billing did."""
+    p = await start_platform("inprocess", cut="billing")
+    _, key = await p.new_user("1.00")
+    assert p.cutter is not None
+    client = p.openai(key)
+    hi = [{"role": "user", "content": "hi"}]
+    await p.cutter.stop()
+    for _ in range(3):  # the first opens the breaker (3 failed attempts), the rest bounce
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.chat.completions.create(model="mock-small", messages=hi)
+        assert info.value.code == "billing_unavailable"
+    refused = asyncio.get_running_loop().time()
+    await p.cutter.start()  # billing is reachable again
+    while True:
+        try:
+            await client.chat.completions.create(model="mock-small", messages=hi)
+            break
+        except openai.InternalServerError as exc:
+            assert exc.code == "billing_unavailable"
+            waited = asyncio.get_running_loop().time() - refused
+            assert waited < 3.5, f"chat still refused {waited:.1f} s after billing came back"
+            await asyncio.sleep(0.1)
+
+
 async def test_a_client_hanging_up_mid_stream_is_charged_for_what_was_sent(start_platform):
     p = await start_platform("inprocess")
     user, key = await p.new_user("1.00")
