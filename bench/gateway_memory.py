@@ -10,12 +10,9 @@ table shows RSS per slice and the growth between the first warm slice and the en
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
-from pathlib import Path
 
 from gateway_proxy import ROUTES
-from harness import PY, free_port, load, machine_line, rss_mib, start, stop, table
+from harness import PY, free_port, load, machine_line, rss_mib, run, table
 
 
 def main() -> None:
@@ -27,18 +24,15 @@ def main() -> None:
     args = ap.parse_args()
 
     up_port, gw_port, admin_port = free_port(), free_port(), free_port()
-    work = Path(tempfile.mkdtemp(prefix="bench-gateway-memory-"))
-    routes = work / "routes.yaml"
-    routes.write_text(ROUTES.format(port=up_port))
     url = f"http://127.0.0.1:{gw_port}/bench/item"
     rows: list[list[str]] = []
     served = 0
     elapsed = 0.0
-    started = []  # stopped in the end, even when the second start fails
-    try:
-        upstream = start([PY, "bench/upstream.py", str(up_port)], port=up_port)
-        started.append(upstream)
-        gateway = start(
+    with run("bench-gateway-memory-") as current:
+        routes = current.work / "routes.yaml"
+        routes.write_text(ROUTES.format(port=up_port))
+        current.start([PY, "bench/upstream.py", str(up_port)], port=up_port)
+        gateway = current.start(
             [PY, "-m", "gateway"],
             env={
                 "GATEWAY_ROUTES_FILE": str(routes),
@@ -48,7 +42,6 @@ def main() -> None:
             },
             port=gw_port,
         )
-        started.append(gateway)
         samples: list[float] = [rss_mib(gateway.pid)]
         while served < args.requests and elapsed < args.max_minutes * 60:
             result, tool = load(url, args.connections, args.slice_seconds)
@@ -64,9 +57,6 @@ def main() -> None:
                     str(result.errors),
                 ]
             )
-    finally:
-        stop(*started)
-        shutil.rmtree(work, ignore_errors=True)
     warm = samples[2] if len(samples) > 2 else samples[-1]
     print(f"# gateway memory over {served:,} requests — {machine_line()}")
     print(f"# load: {tool}, {args.connections} connections, slices of {args.slice_seconds}s")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from harness import (
     free_port,
     load,
     machine_line,
+    run,
     start,
-    stop,
     table,
 )
 
@@ -100,24 +99,16 @@ def main() -> None:
         free_port() for _ in range(7)
     )
     shared_port, shared_admin1, shared_admin2 = (free_port() for _ in range(3))
-    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    started: list = []  # everything started so far is stopped, even if a later start fails
-
-    def launch(args: list[str], **kwargs):
-        proc = start(args, **kwargs)
-        started.append(proc)
-        return proc
-
     rows = []
     measured: dict[str, tuple[float, float]] = {}
     tool = ""
-    try:
-        upstream = launch([PY, "bench/upstream.py", str(up_port)], port=up_port)
-        bare = launch(
+    with run("bench-gateway-") as current:
+        upstream = current.start([PY, "bench/upstream.py", str(up_port)], port=up_port)
+        bare = current.start(
             [PY, "bench/bare_proxy.py", str(bare_port), f"http://127.0.0.1:{up_port}"],
             port=bare_port,
         )
-        routes = work / "routes.yaml"
+        routes = current.work / "routes.yaml"
         routes.write_text(ROUTES.format(port=up_port))
         env = {
             "GATEWAY_ROUTES_FILE": str(routes),
@@ -126,25 +117,25 @@ def main() -> None:
             "GATEWAY_ADMIN_PORT": str(admin_port),
         }
         gateway_cmd = [PY, "-m", "gateway"]
-        gateway = launch(gateway_cmd, env=env, port=gw_port)  # the default: on uvloop
+        gateway = current.start(gateway_cmd, env=env, port=gw_port)  # the default: on uvloop
         plain_env = env | {
             "GATEWAY_UVLOOP": "false",
             "GATEWAY_PORT": str(gw2_port),
             "GATEWAY_ADMIN_PORT": str(admin2_port),
         }
-        gateway_asyncio = launch(gateway_cmd, env=plain_env, port=gw2_port)
+        gateway_asyncio = current.start(gateway_cmd, env=plain_env, port=gw2_port)
         # two gateway processes on one port (GATEWAY_REUSE_PORT): the kernel spreads the
         # connections; both share the two cores with the load generator and the upstream
         shared_env = env | {"GATEWAY_PORT": str(shared_port), "GATEWAY_REUSE_PORT": "true"}
         shared = [
-            launch(
+            current.start(
                 gateway_cmd, env=shared_env | {"GATEWAY_ADMIN_PORT": str(admin)}, port=shared_port
             )
             for admin in (shared_admin1, shared_admin2)
         ]
-        nginx = start_nginx(nginx_port, up_port, work / "nginx")
+        nginx = start_nginx(nginx_port, up_port, current.work / "nginx")
         if nginx is not None:
-            started.append(nginx)
+            current.keep(nginx)
         contenders = [("direct to upstream", up_port, [upstream])]
         if nginx is not None:
             contenders.append(("nginx 1 worker, keepalive 64", nginx_port, [nginx]))
@@ -174,9 +165,6 @@ def main() -> None:
                 ]
             )
             time.sleep(0.5)
-    finally:
-        stop(*started)
-        shutil.rmtree(work, ignore_errors=True)
     print(f"# gateway vs bare proxy vs direct — {machine_line()}")
     print(f"# load: {tool}, {args.connections} connections, {args.seconds}s, small GET, loopback")
     print(table(["path", "req/s", "p50", "p99", "CPU per request", "errors"], rows))

@@ -7,6 +7,7 @@ Load goes to 127.0.0.1 only, bounded in duration. wrk is used when installed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import re
@@ -14,8 +15,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,6 +69,36 @@ def stop(*procs: subprocess.Popen) -> None:
             p.wait(5)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+@dataclass
+class Run:
+    """What one benchmark run started: its temp directory and its processes."""
+
+    work: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(
+        self, args: list[str], env: dict[str, str] | None = None, port: int | None = None
+    ) -> subprocess.Popen:
+        return self.keep(start(args, env, port))
+
+    def keep(self, proc: subprocess.Popen) -> subprocess.Popen:
+        """Stop ``proc`` with the rest when the run ends."""
+        self.procs.append(proc)
+        return proc
+
+
+@contextlib.contextmanager
+def run(prefix: str) -> Iterator[Run]:
+    """A temp directory and the processes started through the yielded :class:`Run`;
+    all stopped and removed at the end, also when a start or a measure fails."""
+    current = Run(Path(tempfile.mkdtemp(prefix=prefix)))
+    try:
+        yield current
+    finally:
+        stop(*current.procs)
+        shutil.rmtree(current.work, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:
