@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/fault_injection.py [--requests 600] [--concurrency 8]
                                               [--window 100] [--max-outage 10] [--keep]
+                                              [--db postgres|sqlite]
+
+``--db sqlite`` runs the same faults and checks with the services on SQLite files (the
+platform's embedded default) instead of PostgreSQL databases.
 
 See the README, "Benchmarks" for what is checked and the results.
 
@@ -45,6 +49,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -52,6 +57,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -226,7 +232,14 @@ class Procs:
 # -- PostgreSQL and RabbitMQ ----------------------------------------------------------------
 
 
+def is_sqlite(database: str) -> bool:
+    """``--db sqlite`` names each service's database by its file path."""
+    return database.endswith(".db")
+
+
 def db_url(name: str) -> str:
+    if is_sqlite(name):
+        return f"sqlite:///{name}"
     base = PG_URL.rsplit("/", 1)[0]
     return f"{base}/{name}"
 
@@ -239,12 +252,33 @@ async def pg_admin(sql: str) -> None:
         await conn.close()
 
 
-async def pg_fetch(database: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+def _sqlite_fetch(path: str, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    # beside the running service, reading only (WAL: readers do not block its writes)
+    conn = sqlite3.connect(path, timeout=10)
+    try:
+        conn.row_factory = sqlite3.Row
+        # asyncpg's $1, $2 ... are SQLite's ?1, ?2 ...
+        rows = conn.execute(re.sub(r"\$(\d+)", r"?\1", sql), args).fetchall()
+        return [dict(r) for r in rows]
+    finally:
+        conn.close()
+
+
+async def db_fetch(database: str, sql: str, *args: Any) -> list[Any]:
+    """Rows of ``sql`` on a service's database (asyncpg records or dicts; read as r["col"])."""
+    if is_sqlite(database):
+        return await asyncio.to_thread(_sqlite_fetch, database, sql, args)
     conn = await asyncpg.connect(db_url(database))
     try:
         return await conn.fetch(sql, *args)
     finally:
         await conn.close()
+
+
+def no_such_table(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.UndefinedTableError) or (
+        isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
+    )
 
 
 def event_settings() -> EventSettings:
@@ -341,11 +375,14 @@ class Platform:
                 return resp.status, text
 
 
-async def start_platform(tmp: Path, procs: Procs) -> Platform:
+async def start_platform(tmp: Path, procs: Procs, db: str) -> Platform:
     ports = {name: free_port() for name in (*SERVICES, "gateway", "admin")}
-    dbs = {name: f"{DB_PREFIX}{RUN}_{name}" for name in SERVICES}
-    for database in dbs.values():
-        await pg_admin(f'CREATE DATABASE "{database}"')
+    if db == "sqlite":
+        dbs = {name: str(tmp / f"{name}.db") for name in SERVICES}  # made by the services
+    else:
+        dbs = {name: f"{DB_PREFIX}{RUN}_{name}" for name in SERVICES}
+        for database in dbs.values():
+            await pg_admin(f'CREATE DATABASE "{database}"')
     routes_text = platform_routes(ports)
     routes_file = tmp / "routes.yaml"
     routes_file.write_text(routes_text)
@@ -950,11 +987,13 @@ async def pending_outbox(p: Platform) -> dict[str, int]:
     out = {}
     for name in SERVICES:
         try:
-            rows = await pg_fetch(
+            rows = await db_fetch(
                 p.dbs[name], "SELECT count(*) AS n FROM event_outbox WHERE sent_at IS NULL"
             )
             out[name] = rows[0]["n"]
-        except asyncpg.UndefinedTableError:
+        except (asyncpg.UndefinedTableError, sqlite3.OperationalError) as exc:
+            if not no_such_table(exc):
+                raise
             out[name] = 0
     return out
 
@@ -975,13 +1014,13 @@ async def drain(p: Platform, limit: float) -> tuple[bool, float, str]:
     while time.monotonic() - t < limit:
         pending = await pending_outbox(p)
         depths = await queue_depths(AMQP_URL, main + retry)
-        usage = (await pg_fetch(p.dbs["proxy"], "SELECT count(*) AS n FROM proxy_usage"))[0]["n"]
+        usage = (await db_fetch(p.dbs["proxy"], "SELECT count(*) AS n FROM proxy_usage"))[0]["n"]
         charged = (
-            await pg_fetch(
+            await db_fetch(
                 p.dbs["billing"], "SELECT count(*) AS n FROM billing_ledger WHERE kind = 'charge'"
             )
         )[0]["n"]
-        seen = (await pg_fetch(p.dbs["analytics"], "SELECT count(*) AS n FROM analytics_usage"))[0][
+        seen = (await db_fetch(p.dbs["analytics"], "SELECT count(*) AS n FROM analytics_usage"))[0][
             "n"
         ]
         state = (
@@ -1004,18 +1043,32 @@ async def drain(p: Platform, limit: float) -> tuple[bool, float, str]:
     return False, time.monotonic() - t, state
 
 
+def _window(database: str, f: Fault) -> tuple[Any, Any]:
+    """A fault's wall-clock span as query parameters: epoch seconds for PostgreSQL's
+    ``to_timestamp``; for SQLite the text SQLAlchemy stores (UTC, no zone)."""
+    if not is_sqlite(database):
+        return f.wall, f.wall_ended
+    fmt = "%Y-%m-%d %H:%M:%S.%f"
+    return tuple(datetime.fromtimestamp(t, UTC).strftime(fmt) for t in (f.wall, f.wall_ended))
+
+
 async def exercised(p: Platform, faults: list[Fault]) -> None:
     """Show that the faults hit live traffic: what was written while each one lasted."""
     for f in faults:
         if f.name == "RabbitMQ restart":
             counts = {}
             for name in SERVICES:
-                rows = await pg_fetch(
-                    p.dbs[name],
-                    "SELECT count(*) AS n, count(sent_at) AS sent FROM event_outbox "
-                    "WHERE created_at BETWEEN to_timestamp($1) AND to_timestamp($2)",
-                    f.wall,
-                    f.wall_ended,
+                database = p.dbs[name]
+                within = (
+                    "created_at BETWEEN $1 AND $2"
+                    if is_sqlite(database)
+                    else "created_at BETWEEN to_timestamp($1) AND to_timestamp($2)"
+                )
+                rows = await db_fetch(
+                    database,
+                    "SELECT count(*) AS n, count(sent_at) AS sent FROM event_outbox WHERE "
+                    + within,
+                    *_window(database, f),
                 )
                 counts[name] = f"{rows[0]['sent']}/{rows[0]['n']}"
             check(
@@ -1024,19 +1077,27 @@ async def exercised(p: Platform, faults: list[Fault]) -> None:
                 ", ".join(f"{k} {v}" for k, v in counts.items()),
             )
         if f.name == "kill -9 billing":
-            rows = await pg_fetch(
-                p.dbs["proxy"],
-                "SELECT request_id FROM proxy_usage WHERE created_at BETWEEN "
-                "(to_timestamp($1) AT TIME ZONE 'UTC') AND (to_timestamp($2) AT TIME ZONE 'UTC')",
-                f.wall,
-                f.wall_ended,
+            proxy_db, billing_db = p.dbs["proxy"], p.dbs["billing"]
+            within = (
+                "created_at BETWEEN $1 AND $2"
+                if is_sqlite(proxy_db)
+                else "created_at BETWEEN (to_timestamp($1) AT TIME ZONE 'UTC') AND "
+                "(to_timestamp($2) AT TIME ZONE 'UTC')"
+            )
+            rows = await db_fetch(
+                proxy_db,
+                "SELECT request_id FROM proxy_usage WHERE " + within,
+                *_window(proxy_db, f),
             )
             ids = [r["request_id"] for r in rows]
-            charged = await pg_fetch(
-                p.dbs["billing"],
-                "SELECT count(*) AS n FROM billing_ledger WHERE kind = 'charge'"
-                " AND request_id = ANY($1::text[])",
-                ids,
+            if is_sqlite(billing_db):
+                among, arg = "request_id IN (SELECT value FROM json_each($1))", json.dumps(ids)
+            else:
+                among, arg = "request_id = ANY($1::text[])", ids
+            charged = await db_fetch(
+                billing_db,
+                f"SELECT count(*) AS n FROM billing_ledger WHERE kind = 'charge' AND {among}",
+                arg,
             )
             check(
                 "usage metered while billing was dead (charged after its restart / metered)",
@@ -1058,49 +1119,49 @@ async def verify(p: Platform, users: list[User], results: list[Result]) -> list[
 
     usage_rows = {
         r["request_id"]: r
-        for r in await pg_fetch(
+        for r in await db_fetch(
             proxy_db, "SELECT request_id, user_id, cost_micro, outcome FROM proxy_usage"
         )
     }
-    outbox_usage: dict[str, list[asyncpg.Record]] = defaultdict(list)
-    for r in await pg_fetch(
+    outbox_usage: dict[str, list[Any]] = defaultdict(list)
+    for r in await db_fetch(
         proxy_db,
         "SELECT event_id, payload, sent_at FROM event_outbox WHERE type = 'usage.recorded'",
     ):
         outbox_usage[json.loads(r["payload"])["data"]["request_id"]].append(r)
-    ledger = await pg_fetch(
+    ledger = await db_fetch(
         billing_db,
         "SELECT user_id, kind, amount_micro, balance_after_micro,"
         " request_id, charge_request_id, idempotency_key, seq"
         " FROM billing_ledger ORDER BY seq",
     )
-    charges: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    charges: dict[str, list[Any]] = defaultdict(list)
     for r in ledger:
         if r["kind"] == "charge":
             charges[r["request_id"]].append(r)
     accounts = {
         r["user_id"]: r
-        for r in await pg_fetch(
+        for r in await db_fetch(
             billing_db, "SELECT user_id, balance_micro, held_micro FROM billing_accounts"
         )
     }
-    holds = await pg_fetch(
+    holds = await db_fetch(
         billing_db, "SELECT request_id, user_id, amount_micro, status FROM billing_holds"
     )
-    a_usage: dict[str, list[asyncpg.Record]] = defaultdict(list)
-    for r in await pg_fetch(
+    a_usage: dict[str, list[Any]] = defaultdict(list)
+    for r in await db_fetch(
         analytics_db, "SELECT request_id, cost_micro, user_id FROM analytics_usage"
     ):
         a_usage[r["request_id"]].append(r)
     a_types = {
         r["type"]: r["n"]
-        for r in await pg_fetch(
+        for r in await db_fetch(
             analytics_db, "SELECT type, count(*) AS n FROM analytics_events GROUP BY type"
         )
     }
     decisions = {
         r["request_id"]: r
-        for r in await pg_fetch(orch_db, "SELECT request_id, outcome, hold FROM chat_requests")
+        for r in await db_fetch(orch_db, "SELECT request_id, outcome, hold FROM chat_requests")
     }
 
     # 1. no usage event lost, for every successful answer
@@ -1454,7 +1515,9 @@ async def breaker_evidence(p: Platform) -> list[list[str]]:
 async def amain(args: argparse.Namespace) -> int:
     print(f"# fault injection · {machine_line()}")
     print(
-        f"namespace {NAMESPACE} · databases {DB_PREFIX}{RUN}_* · {args.requests} chat requests "
+        f"namespace {NAMESPACE} · "
+        + (f"databases {DB_PREFIX}{RUN}_*" if args.db == "postgres" else "SQLite files")
+        + f" · {args.requests} chat requests "
         f"over {args.window:.0f}s, concurrency {args.concurrency}"
     )
     tmp = Path(tempfile.mkdtemp(prefix="aiagg-fault-"))
@@ -1467,8 +1530,8 @@ async def amain(args: argparse.Namespace) -> int:
     timings: list[list[str]] = []
     try:
         t = time.monotonic()
-        p = await start_platform(tmp, procs)
-        created_dbs = list(p.dbs.values())
+        p = await start_platform(tmp, procs, args.db)
+        created_dbs = list(p.dbs.values()) if args.db == "postgres" else []
         p.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
         users = await make_users(p, args.users)
         timings.append(["start platform + users", f"{time.monotonic() - t:.1f}"])
@@ -1649,6 +1712,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the databases, queues and logs for inspection"
+    )
+    parser.add_argument(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default="postgres",
+        help="the services' databases: PostgreSQL (default) or SQLite files in the run's "
+        "temp directory",
     )
     args = parser.parse_args()
     sys.exit(asyncio.run(amain(args)))
