@@ -426,6 +426,9 @@ async def test_billing_down_is_503_and_a_few_log_lines_not_one_per_request(
         ("proxy", {"proxy_unavailable"}, 6.5),
         # the gateway's breaker for the orchestrator: reset_after 3s
         ("orchestrator", {"bad_gateway", "circuit_open"}, 4.5),
+        # the gateway's breaker for auth (forward-auth; the key was never validated, so
+        # no cached answer hides the outage): the defaults' reset_after 5s
+        ("auth", {"auth_unavailable"}, 6.5),
     ],
 )
 async def test_chat_is_back_within_seconds_of_a_peer(start_platform, peer, refused_as, within):
