@@ -275,12 +275,6 @@ async def db_fetch(database: str, sql: str, *args: Any) -> list[Any]:
         await conn.close()
 
 
-def no_such_table(exc: BaseException) -> bool:
-    return isinstance(exc, asyncpg.UndefinedTableError) or (
-        isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
-    )
-
-
 def event_settings() -> EventSettings:
     return EventSettings(amqp_url=AMQP_URL, events_namespace=NAMESPACE)
 
@@ -991,8 +985,10 @@ async def pending_outbox(p: Platform) -> dict[str, int]:
                 p.dbs[name], "SELECT count(*) AS n FROM event_outbox WHERE sent_at IS NULL"
             )
             out[name] = rows[0]["n"]
-        except (asyncpg.UndefinedTableError, sqlite3.OperationalError) as exc:
-            if not no_such_table(exc):
+        except asyncpg.UndefinedTableError:
+            out[name] = 0
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
                 raise
             out[name] = 0
     return out
@@ -1043,13 +1039,24 @@ async def drain(p: Platform, limit: float) -> tuple[bool, float, str]:
     return False, time.monotonic() - t, state
 
 
-def _window(database: str, f: Fault) -> tuple[Any, Any]:
-    """A fault's wall-clock span as query parameters: epoch seconds for PostgreSQL's
-    ``to_timestamp``; for SQLite the text SQLAlchemy stores (UTC, no zone)."""
-    if not is_sqlite(database):
-        return f.wall, f.wall_ended
-    fmt = "%Y-%m-%d %H:%M:%S.%f"
-    return tuple(datetime.fromtimestamp(t, UTC).strftime(fmt) for t in (f.wall, f.wall_ended))
+def _during(database: str, f: Fault, *, zoned: bool) -> tuple[str, tuple[Any, Any]]:
+    """``created_at`` within a fault's wall-clock span, and the query's parameters.
+
+    PostgreSQL gets epoch seconds (``zoned``: a ``timestamptz`` column; otherwise UTC wall
+    time); SQLite gets the text SQLAlchemy stores there (UTC, no zone)."""
+    if is_sqlite(database):
+        start, end = (
+            datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+            for t in (f.wall, f.wall_ended)
+        )
+        return "created_at BETWEEN $1 AND $2", (start, end)
+    if zoned:
+        return "created_at BETWEEN to_timestamp($1) AND to_timestamp($2)", (f.wall, f.wall_ended)
+    return (
+        "created_at BETWEEN (to_timestamp($1) AT TIME ZONE 'UTC') AND "
+        "(to_timestamp($2) AT TIME ZONE 'UTC')",
+        (f.wall, f.wall_ended),
+    )
 
 
 async def exercised(p: Platform, faults: list[Fault]) -> None:
@@ -1058,17 +1065,12 @@ async def exercised(p: Platform, faults: list[Fault]) -> None:
         if f.name == "RabbitMQ restart":
             counts = {}
             for name in SERVICES:
-                database = p.dbs[name]
-                within = (
-                    "created_at BETWEEN $1 AND $2"
-                    if is_sqlite(database)
-                    else "created_at BETWEEN to_timestamp($1) AND to_timestamp($2)"
-                )
+                within, span = _during(p.dbs[name], f, zoned=True)
                 rows = await db_fetch(
-                    database,
-                    "SELECT count(*) AS n, count(sent_at) AS sent FROM event_outbox WHERE "
-                    + within,
-                    *_window(database, f),
+                    p.dbs[name],
+                    "SELECT count(*) AS n, count(sent_at) AS sent FROM event_outbox"
+                    f" WHERE {within}",
+                    *span,
                 )
                 counts[name] = f"{rows[0]['sent']}/{rows[0]['n']}"
             check(
@@ -1078,16 +1080,9 @@ async def exercised(p: Platform, faults: list[Fault]) -> None:
             )
         if f.name == "kill -9 billing":
             proxy_db, billing_db = p.dbs["proxy"], p.dbs["billing"]
-            within = (
-                "created_at BETWEEN $1 AND $2"
-                if is_sqlite(proxy_db)
-                else "created_at BETWEEN (to_timestamp($1) AT TIME ZONE 'UTC') AND "
-                "(to_timestamp($2) AT TIME ZONE 'UTC')"
-            )
+            within, span = _during(proxy_db, f, zoned=False)
             rows = await db_fetch(
-                proxy_db,
-                "SELECT request_id FROM proxy_usage WHERE " + within,
-                *_window(proxy_db, f),
+                proxy_db, f"SELECT request_id FROM proxy_usage WHERE {within}", *span
             )
             ids = [r["request_id"] for r in rows]
             if is_sqlite(billing_db):
