@@ -23,6 +23,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "RETRY_INITIAL",
+    "RETRY_MAX",
     "ConsulClient",
     "ConsulError",
     "ConsulSettings",
@@ -36,6 +38,12 @@ log = logging.getLogger(__name__)
 #: Consul caps a blocking query's ``wait`` at 10 minutes and defaults it to 5.
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
+# Retrying a failing Consul: from 0.5 s, doubling, at most 5 s apart. Consul is a local
+# agent and one request per service every few seconds costs it nothing, while a long
+# cap would leave the gateway on stale instances, and a service unregistered, for that
+# long after the agent is back.
+RETRY_INITIAL = 0.5
+RETRY_MAX = 5.0
 
 
 class ConsulError(Exception):
@@ -119,7 +127,7 @@ def format_wait(seconds: float) -> str:
 
 
 def backoff_delays(
-    initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0
+    initial: float = RETRY_INITIAL, maximum: float = RETRY_MAX, factor: float = 2.0
 ) -> Iterator[float]:
     """Endless jittered exponential delays: each one is in [d/2, d] for d = initial*factor**n
     capped at ``maximum``, so retries spread out and a dead Consul is not hammered."""

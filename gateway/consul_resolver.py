@@ -23,7 +23,14 @@ from typing import Any
 from prometheus_client import REGISTRY, Gauge
 
 from .clock import Clock, SystemClock
-from .consul import ConsulClient, ConsulError, ConsulSettings, backoff_delays
+from .consul import (
+    RETRY_INITIAL,
+    RETRY_MAX,
+    ConsulClient,
+    ConsulError,
+    ConsulSettings,
+    backoff_delays,
+)
 from .discovery import (
     DiscoveryRouter,
     Instance,
@@ -124,8 +131,8 @@ class ConsulResolver(Resolver):
         first_answer_timeout: float = 2.0,
         wait: float = 30.0,
         *,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
+        backoff_initial: float = RETRY_INITIAL,
+        backoff_max: float = RETRY_MAX,
         backoff_factor: float = 2.0,
         min_interval: float = 0.1,
         stale_update_every: float = 5.0,

@@ -26,7 +26,14 @@ from aiohttp import web
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .consul import ConsulClient, ConsulError, ConsulSettings, backoff_delays
+from .consul import (
+    RETRY_INITIAL,
+    RETRY_MAX,
+    ConsulClient,
+    ConsulError,
+    ConsulSettings,
+    backoff_delays,
+)
 
 __all__ = ["RegistrationSettings", "ServiceRegistration", "registration_ctx"]
 
@@ -60,10 +67,10 @@ class ServiceRegistration:
         check_timeout: str = "2s",
         deregister_after: str = "1m",
         settings: ConsulSettings | None = None,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
+        backoff_initial: float = RETRY_INITIAL,
+        backoff_max: float = RETRY_MAX,
         stop_timeout: float = 2.0,
-        recheck_interval: float | None = 30.0,
+        recheck_interval: float | None = 10.0,
     ) -> None:
         if not name:
             raise ValueError("a service needs a name to register")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,8 @@ from prometheus_client import REGISTRY
 from gateway import registration as registration_module
 from gateway.clock import ManualClock
 from gateway.consul import (
+    RETRY_INITIAL,
+    RETRY_MAX,
     ConsulClient,
     ConsulError,
     ConsulSettings,
@@ -109,6 +112,21 @@ def test_wait_format_and_backoff():
     delays = backoff_delays(0.5, 4.0)
     got = [next(delays) for _ in range(8)]
     assert 0.25 <= got[0] <= 0.5 and all(2.0 <= d <= 4.0 for d in got[4:])
+
+
+def test_a_failing_consul_is_retried_at_most_5s_apart():
+    """After a long outage the watchers and the registration try again within 5 s, so
+    discovery is fresh (and a service registered) seconds after the agent is back."""
+    delays = backoff_delays()
+    got = [next(delays) for _ in range(40)]
+    assert 0.25 <= got[0] <= 0.5 and max(got) <= RETRY_MAX == 5.0
+    assert max(got[6:]) >= RETRY_MAX / 2  # it does back off: a dead agent is not hammered
+    for cls in (ConsulResolver, ServiceRegistration):
+        params = inspect.signature(cls).parameters
+        assert params["backoff_max"].default == RETRY_MAX
+        assert params["backoff_initial"].default == RETRY_INITIAL
+    # an agent that lost its data learns of the service again within one check interval
+    assert inspect.signature(ServiceRegistration).parameters["recheck_interval"].default <= 10
 
 
 def test_instances_from_entries_fall_back_to_node_address():
