@@ -6,7 +6,9 @@ Public (through the gateway):
 ``GET /billing/balance/{user_id}``     own or admin    ``{user_id, balance, held,
                                                        available, currency}``; 404 unknown
 ``POST /billing/top-up``               admin           ``{user_id, amount,
-                                                       idempotency_key}`` -> 201
+                                                       idempotency_key}`` -> 201 (the
+                                                       key may come as the
+                                                       ``Idempotency-Key`` header)
 ``GET /billing/transactions/{user_id}`` own or admin   ``?limit=&cursor=``, newest first
 =====================================  ==============  ===================================
 
@@ -34,7 +36,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common.app import DB, SETTINGS, Subscription, create_service_app, json_response
 from services.common.db import Database
-from services.common.errors import Conflict, NotFound
+from services.common.errors import BadRequest, Conflict, NotFound
 from services.common.events import EventBus
 from services.common.identity import require_admin, require_user_or_admin
 from services.common.inputs import (
@@ -55,6 +57,9 @@ from .settings import BillingSettings
 log = logging.getLogger("aiagg.billing")
 
 routes = web.RouteTableDef()
+
+#: the header payment APIs take an idempotency key in (an alternative to the body field)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 T = TypeVar("T")
 
@@ -87,6 +92,32 @@ async def balance(request: web.Request) -> web.Response:
     return json_response(account.to_json())
 
 
+def _idempotency_key(request: web.Request, data: dict) -> str:
+    """The top-up's key: ``idempotency_key`` in the body, or the ``Idempotency-Key``
+    header that payment APIs use (a quoted value, as the IETF draft writes it, is
+    unquoted). Both may be sent only if they agree."""
+    header = request.headers.get(IDEMPOTENCY_HEADER)
+    if header is not None:
+        header = header.strip()
+        if len(header) >= 2 and header[0] == header[-1] == '"':
+            header = header[1:-1]
+        header = validate_identifier(header, IDEMPOTENCY_HEADER)
+    if data.get("idempotency_key") is None:
+        if header is None:
+            raise BadRequest(
+                f"'idempotency_key' is required: send it in the body or as the "
+                f"{IDEMPOTENCY_HEADER} header, and repeat it when you retry"
+            )
+        return header
+    key = require_str(data, "idempotency_key")
+    if header is not None and header != key:
+        raise BadRequest(
+            f"the {IDEMPOTENCY_HEADER} header ({header!r}) and 'idempotency_key' ({key!r}) "
+            "differ; send one of them"
+        )
+    return key
+
+
 @routes.post("/billing/top-up")
 async def top_up(request: web.Request) -> web.Response:
     require_admin(request)
@@ -94,7 +125,7 @@ async def top_up(request: web.Request) -> web.Response:
     reject_unknown(data, {"user_id", "amount", "idempotency_key"})
     user_id = require_str(data, "user_id")
     amount = parse_amount(data, "amount")
-    key = require_str(data, "idempotency_key")
+    key = _idempotency_key(request, data)
 
     async def work(session):
         return await store.top_up(session, user_id=user_id, amount=amount, idempotency_key=key)

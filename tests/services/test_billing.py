@@ -117,6 +117,43 @@ async def test_same_idempotency_key_with_another_body_is_409(billing):
     assert (await balance_of(billing, user))["balance"] == "5.000000"
 
 
+async def test_top_up_takes_the_idempotency_key_header(billing):
+    """Payment APIs take the key as an ``Idempotency-Key`` header; so does billing."""
+    user = new_user()
+    key = "hdr-" + uuid.uuid4().hex
+
+    async def send(value: str, body_key: str | None = None):
+        body = {"user_id": user, "amount": "2.50"}
+        if body_key is not None:
+            body["idempotency_key"] = body_key
+        headers = {**ADMIN, "Idempotency-Key": value}
+        return await billing.client.post("/billing/top-up", json=body, headers=headers)
+
+    first = await send(key)
+    assert first.status == 201, await first.text()
+    assert (await first.json())["idempotency_key"] == key
+    assert "Idempotent-Replayed" not in first.headers
+    # a retry: the header as the IETF draft quotes it, and the same key in both places
+    for again in (await send(f'"{key}"'), await send(key, body_key=key)):
+        assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true"
+        assert await again.json() == await first.json()
+    assert (await balance_of(billing, user))["balance"] == "2.500000"
+    # the body's key is the same one: a replay as well
+    assert (await top_up(billing, user, "2.50", key=key)).headers["Idempotent-Replayed"] == "true"
+
+    for value, body_key, fragment in (
+        (key, "other-" + key, "differ; send one of them"),
+        ("not a key!", None, "'Idempotency-Key' must be"),
+    ):
+        refused = await send(value, body_key)
+        assert refused.status == 400
+        error = await refused.json()
+        assert_error(error, "bad_request")
+        assert fragment in error["error"]["message"]
+    assert (await balance_of(billing, user))["balance"] == "2.500000"
+    await check_invariants(billing, user)
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
