@@ -544,7 +544,7 @@ async def _reserve_carefully(
             )
         return existing, False
     if account is None:
-        raise InsufficientQuota(f"user {user_id!r} has no balance: top up first")
+        raise InsufficientQuota(f"user {user_id!r} has no balance yet (no top-up so far)")
     if await find_charge(session, request_id) is not None:
         raise Conflict(f"request {request_id!r} is already charged")
     now = utcnow()
