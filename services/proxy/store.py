@@ -8,7 +8,7 @@ the same transaction as its ``usage.recorded`` outbox event (see :mod:`.events`)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -76,20 +76,27 @@ class Usage:
     error: str | None
     created_at: datetime
 
+    def values(self) -> dict[str, Any]:
+        """The fields as a dict; every field is a scalar, so no deep copy (``asdict``
+        deep-copies each value, which was ~1 % of the proxy's CPU per request)."""
+        return {name: getattr(self, name) for name in _USAGE_FIELDS}
+
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = self.values()
         data["cost"] = format_micro(data.pop("cost_micro"))
         data["total_tokens"] = self.prompt_tokens + self.completion_tokens
         data["created_at"] = format_time(self.created_at)
         return data
 
 
+_USAGE_FIELDS = tuple(f.name for f in fields(Usage))
+
 _INSERT = InsertIgnore(usage, "request_id")
 
 
 async def insert_usage(session: DbSession, row: Usage, event_id: str) -> bool:
     """Insert the row; False (and nothing written) when the request is already metered."""
-    values = asdict(row)
+    values = row.values()
     values["event_id"] = event_id
     return await _INSERT.run(session, values)
 
