@@ -1,11 +1,20 @@
-"""services.common.fastsql: repeated SQLite statements give what SQLAlchemy gives, faster."""
+"""services.common.fastsql: repeated statements give what SQLAlchemy gives, faster.
+
+Every test runs on SQLite and on the real PostgreSQL (a database of its own per
+Database); the PostgreSQL ones also hold what replaced ``pool_pre_ping``: a pooled
+connection that died while idle is replaced at BEGIN, before anything was sent.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import (
     BigInteger,
@@ -24,9 +33,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, NoResultFound
+from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound
 
 from services.common.db import Database, InsertIgnore
+from tests.support import asyncpg_dsn, fresh_database
 
 metadata = MetaData()
 things = Table(
@@ -62,10 +72,30 @@ TEXT = text("SELECT id FROM fast_things ORDER BY id")
 STAMP = insert(stamped)
 
 
-async def _db(tmp_path: Path, name: str, fast: bool) -> Database:
-    db = Database(f"sqlite:///{tmp_path}/{name}.db", fast_statements=fast)
-    await db.create_all(metadata)
-    return db
+MakeDb = Callable[[str, bool], Any]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def make_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeDb]:
+    """``await make_db(name, fast)``: a Database with the tables, on a store of its own."""
+    made: list[Database] = []
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(name: str, fast: bool) -> Database:
+            if request.param == "sqlite":
+                url = f"sqlite:///{tmp_path}/{name}.db"
+            else:
+                url = await stack.enter_async_context(fresh_database("aiagg_fast_"))
+            db = Database(url, fast_statements=fast)
+            made.append(db)
+            await db.create_all(metadata)
+            return db
+
+        try:
+            yield make
+        finally:
+            for db in made:
+                await db.close()
 
 
 async def _script(db: Database) -> list[Any]:
@@ -110,46 +140,104 @@ async def _script(db: Database) -> list[Any]:
     return seen
 
 
-async def test_the_fast_path_gives_what_sqlalchemy_gives(tmp_path: Path) -> None:
-    plain = await _db(tmp_path, "plain", fast=False)
-    fast = await _db(tmp_path, "fast", fast=True)
-    try:
-        expected = await _script(plain)
-        got = await _script(fast)
-        assert got == expected
-        assert fast.statements is not None and fast.statements.fast >= 8  # it was taken
-        async with plain.session() as a, fast.session() as b:
-            dump = select(things).order_by(things.c.id)
-            assert (await b.execute(dump)).all() == (await a.execute(dump)).all()
-            made = select(stamped.c.made)
-            assert len((await b.execute(made)).all()) == 2  # the callable default ran
-    finally:
-        await plain.close()
-        await fast.close()
+async def test_the_fast_path_gives_what_sqlalchemy_gives(make_db: MakeDb) -> None:
+    plain = await make_db("plain", False)
+    fast = await make_db("fast", True)
+    expected = await _script(plain)
+    got = await _script(fast)
+    assert got == expected
+    assert fast.statements is not None and fast.statements.fast >= 8  # it was taken
+    async with plain.session() as a, fast.session() as b:
+        dump = select(things).order_by(things.c.id)
+        assert (await b.execute(dump)).all() == (await a.execute(dump)).all()
+        made = select(stamped.c.made)
+        assert len((await b.execute(made)).all()) == 2  # the callable default ran
 
 
-async def test_errors_are_sqlalchemys_and_roll_back(tmp_path: Path) -> None:
-    db = await _db(tmp_path, "errors", fast=True)
-    try:
-        for attempt in range(3):  # the first runs through SQLAlchemy, the rest fast
-            with pytest.raises(IntegrityError):
-                async with db.transaction() as s:
-                    await s.execute(INSERT, {"id": f"x{attempt}", "amount": 1})
-                    await s.execute(INSERT, {"id": f"x{attempt}", "amount": 2})
-        assert db.statements is not None and db.statements.fast >= 2
-        async with db.session() as s:
-            assert (await s.execute(COUNT)).scalar() == 0  # every transaction rolled back
-    finally:
-        await db.close()
-
-
-async def test_statements_built_per_call_are_never_planned(tmp_path: Path) -> None:
-    db = await _db(tmp_path, "dynamic", fast=True)
-    try:
-        for i in range(5):
+async def test_errors_are_sqlalchemys_and_roll_back(make_db: MakeDb) -> None:
+    db = await make_db("errors", True)
+    for attempt in range(3):  # the first runs through SQLAlchemy, the rest fast
+        with pytest.raises(IntegrityError):
             async with db.transaction() as s:
-                await s.execute(insert(things).values(id=f"d{i}", amount=i))
-        assert db.statements is not None and db.statements.fast == 0
-        assert len(db.statements._plans) <= 1  # weak keys: the dead statements are gone
+                await s.execute(INSERT, {"id": f"x{attempt}", "amount": 1})
+                await s.execute(INSERT, {"id": f"x{attempt}", "amount": 2})
+    assert db.statements is not None and db.statements.fast >= 2
+    async with db.session() as s:
+        assert (await s.execute(COUNT)).scalar() == 0  # every transaction rolled back
+    async with db.transaction() as s:  # and the connections are fine afterwards
+        await s.execute(INSERT, {"id": "after", "amount": 1})
+    async with db.session() as s:
+        assert (await s.execute(COUNT)).scalar() == 1
+
+
+async def test_statements_built_per_call_are_never_planned(make_db: MakeDb) -> None:
+    db = await make_db("dynamic", True)
+    for i in range(5):
+        async with db.transaction() as s:
+            await s.execute(insert(things).values(id=f"d{i}", amount=i))
+    assert db.statements is not None and db.statements.fast == 0
+    assert len(db.statements._plans) <= 1  # weak keys: the dead statements are gone
+
+
+# -- PostgreSQL: dead pooled connections, without a ping at every checkout ----------------
+
+
+async def _kill_backends(url: str) -> int:
+    """Terminate every other session on the database of ``url`` (as a restart would)."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return len(
+            await conn.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
     finally:
-        await db.close()
+        await conn.close()
+
+
+async def _pg_db(fast: bool = True) -> AsyncIterator[tuple[str, Database]]:
+    async with fresh_database("aiagg_fast_") as url:
+        db = Database(url, fast_statements=fast)
+        try:
+            await db.create_all(metadata)
+            yield url, db
+        finally:
+            await db.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "sqlalchemy-statements"])
+async def test_pooled_connections_killed_while_idle_are_replaced_at_begin(fast: bool) -> None:
+    async for url, db in _pg_db(fast):
+        assert db.async_engine is not None
+        assert db.async_engine.pool._pre_ping is False  # type: ignore[attr-defined]
+        # a few idle connections in the pool, then PostgreSQL drops them all
+        async with db.transaction() as a, db.transaction() as b:
+            await a.execute(INSERT, {"id": "a", "amount": 1})
+            await b.execute(INSERT, {"id": "b", "amount": 2})
+        assert await _kill_backends(url) >= 2
+        await asyncio.sleep(0.2)  # as when idle: the loop sees the connections close
+        for i in range(3):  # no error: BEGIN found them dead, nothing had been sent
+            async with db.transaction() as s:
+                await s.execute(INSERT, {"id": f"n{i}", "amount": i})
+        # and when the server's goodbye has not been read yet either
+        assert await _kill_backends(url) >= 1
+        async with db.transaction() as s:
+            await s.execute(INSERT, {"id": "m", "amount": 9})
+        async with db.session() as s:
+            assert (await s.execute(COUNT)).scalar() == 6
+
+
+async def test_a_connection_lost_inside_a_transaction_is_an_error_not_a_retry() -> None:
+    async for url, db in _pg_db():
+        with pytest.raises(DBAPIError) as raised:
+            async with db.transaction() as s:
+                await s.execute(INSERT, {"id": "x", "amount": 1})
+                await _kill_backends(url)
+                await asyncio.sleep(0.2)
+                await s.execute(INSERT, {"id": "y", "amount": 1})  # may have been processed
+        assert raised.value.connection_invalidated
+        async with db.transaction() as s:  # the next transaction gets a live connection
+            await s.execute(INSERT, {"id": "z", "amount": 1})
+        async with db.session() as s:
+            assert [r.id for r in (await s.execute(TEXT)).all()] == ["z"]
