@@ -76,6 +76,27 @@ async def begin_asyncpg(adapted: Any) -> None:
             await adapted._start_transaction()
 
 
+async def end_asyncpg(adapted: Any, *, commit: bool) -> None:
+    """COMMIT or ROLLBACK what :func:`begin_asyncpg` began, as the adapter would: its
+    transaction is forgotten whatever the outcome (a failed COMMIT ended it too)."""
+    transaction = adapted._transaction
+    if transaction is None:
+        return
+    try:
+        async with adapted._execute_mutex:
+            await (transaction.commit() if commit else transaction.rollback())
+    finally:
+        adapted._transaction = None
+
+
+def asyncpg_idle(adapted: Any) -> bool:
+    """True when the adapter and its asyncpg connection are open and outside a transaction."""
+    driver = adapted._connection
+    return (
+        adapted._transaction is None and not driver.is_closed() and not driver.is_in_transaction()
+    )
+
+
 async def asyncpg_error(
     conn: AsyncConnection, adapted: Any, dialect: Dialect, sql: str, values: Any, error: Exception
 ) -> Exception | None:
@@ -375,5 +396,7 @@ __all__ = [
     "StatementCache",
     "asyncpg_adapter",
     "asyncpg_error",
+    "asyncpg_idle",
     "begin_asyncpg",
+    "end_asyncpg",
 ]

@@ -241,3 +241,54 @@ async def test_a_connection_lost_inside_a_transaction_is_an_error_not_a_retry() 
             await s.execute(INSERT, {"id": "z", "amount": 1})
         async with db.session() as s:
             assert [r.id for r in (await s.execute(TEXT)).all()] == ["z"]
+
+
+async def test_fast_and_sqlalchemy_statements_share_one_transaction(make_db: MakeDb) -> None:
+    """A statement built per call takes SQLAlchemy's path and joins the transaction the
+    fast path began: both commit together, or both roll back."""
+    db = await make_db("mixed", True)
+    for round_ in range(3):  # the first round plans; later ones are fast
+        with pytest.raises(RuntimeError):
+            async with db.transaction() as s:
+                await s.execute(INSERT, {"id": f"gone-{round_}", "amount": 1})
+                await s.execute(insert(things).values(id=f"gone-dyn-{round_}", amount=2))
+                raise RuntimeError("changed my mind")
+        async with db.transaction() as s:
+            await s.execute(INSERT, {"id": f"kept-{round_}", "amount": 1})
+            await s.execute(insert(things).values(id=f"kept-dyn-{round_}", amount=2))
+            await s.execute(INSERT, {"id": f"kept-after-{round_}", "amount": 3})
+    assert db.statements is not None and db.statements.fast >= 4
+    async with db.session() as s:
+        ids = sorted(r.id for r in (await s.execute(TEXT)).all())
+    assert ids == sorted(
+        f"{name}-{r}" for r in range(3) for name in ("kept", "kept-dyn", "kept-after")
+    )
+
+
+SLEEP = select(func.pg_sleep(bindparam("p_s")).label("slept"))
+
+
+async def test_a_cancelled_transaction_leaves_no_broken_connection_behind() -> None:
+    async for _url, db in _pg_db():
+        for _ in range(2):  # planned at the second execution
+            async with db.transaction() as s:
+                await s.execute(SLEEP, {"p_s": 0})
+        assert db.statements is not None
+        assert db.statements.plan_for(SLEEP, {"p_s": 0}) is not None  # the fast path runs it
+
+        async def slow() -> None:
+            async with db.transaction() as s:
+                await s.execute(INSERT, {"id": "never", "amount": 1})
+                await s.execute(SLEEP, {"p_s": 5})
+
+        task = asyncio.create_task(slow())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for i in range(db_idle_cap := 3):  # every connection handed out afterwards works
+            async with db.transaction() as a, db.transaction() as b:
+                await a.execute(INSERT, {"id": f"a{i}", "amount": i})
+                await b.execute(INSERT, {"id": f"b{i}", "amount": i})
+        async with db.session() as s:
+            assert (await s.execute(COUNT)).scalar() == 2 * db_idle_cap  # "never" rolled back
