@@ -196,6 +196,7 @@ async def _kill_backends(url: str) -> int:
         await conn.close()
 
 
+@contextlib.asynccontextmanager
 async def _pg_db(fast: bool = True) -> AsyncIterator[tuple[str, Database]]:
     async with fresh_database("aiagg_fast_") as url:
         db = Database(url, fast_statements=fast)
@@ -208,7 +209,7 @@ async def _pg_db(fast: bool = True) -> AsyncIterator[tuple[str, Database]]:
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "sqlalchemy-statements"])
 async def test_pooled_connections_killed_while_idle_are_replaced_at_begin(fast: bool) -> None:
-    async for url, db in _pg_db(fast):
+    async with _pg_db(fast) as (url, db):
         assert db.async_engine is not None
         assert db.async_engine.pool._pre_ping is False  # type: ignore[attr-defined]
         # a few idle connections in the pool, then PostgreSQL drops them all
@@ -229,7 +230,7 @@ async def test_pooled_connections_killed_while_idle_are_replaced_at_begin(fast: 
 
 
 async def test_a_connection_lost_inside_a_transaction_is_an_error_not_a_retry() -> None:
-    async for url, db in _pg_db():
+    async with _pg_db() as (url, db):
         with pytest.raises(DBAPIError) as raised:
             async with db.transaction() as s:
                 await s.execute(INSERT, {"id": "x", "amount": 1})
@@ -269,7 +270,7 @@ SLEEP = select(func.pg_sleep(bindparam("p_s")).label("slept"))
 
 
 async def test_a_cancelled_transaction_leaves_no_broken_connection_behind() -> None:
-    async for _url, db in _pg_db():
+    async with _pg_db() as (_url, db):
         for _ in range(2):  # planned at the second execution
             async with db.transaction() as s:
                 await s.execute(SLEEP, {"p_s": 0})
