@@ -21,11 +21,12 @@ PostgreSQL gets the same plans (:meth:`StatementCache.execute_asyncpg`), run as
 SQLAlchemy's asyncpg adapter runs them (its prepared-statement cache, inside its
 transaction, under its mutex) but without the execution context, the greenlet hops and
 the result machinery around each: measured with a two-statement transaction, 328 µs
-of CPU through SQLAlchemy against 121 µs on asyncpg alone. One execution at a time
-only: an ``executemany`` (SQLAlchemy batches those into one multi-row statement) stays
-on SQLAlchemy's path. This reads private parts of SQLAlchemy's adapter
-(:data:`_ASYNCPG_PARTS`); should a later SQLAlchemy lack one, every PostgreSQL
-statement stays on SQLAlchemy's path.
+of CPU through SQLAlchemy against 121 µs on asyncpg alone. An ``executemany`` runs as
+asyncpg's (one pipeline of rows, row count -1, as through SQLAlchemy), except with
+RETURNING, which SQLAlchemy turns into one multi-row statement: that stays on its
+path. This reads private parts of SQLAlchemy's adapter (:data:`_ASYNCPG_PARTS`);
+should a later SQLAlchemy lack one, every PostgreSQL statement stays on SQLAlchemy's
+path.
 """
 
 from __future__ import annotations
@@ -257,6 +258,15 @@ class _Plan:
         rowcount = int(match.group(1)) if match else -1
         return FastResult(self._rows(records) if self.row is not None else [], rowcount, self.keys)
 
+    async def run_asyncpg_many(self, adapted: Any, values: list[tuple[Any, ...]]) -> FastResult:
+        """An ``executemany`` without RETURNING, as SQLAlchemy's adapter runs it (asyncpg
+        sends the rows in one pipeline; the row count is unknown, -1, as there)."""
+        async with adapted._execute_mutex:
+            if adapted._transaction is None:
+                await adapted._start_transaction()
+            await adapted._connection.executemany(self.sql, values)
+        return FastResult([], -1, self.keys)
+
     def _rows(self, rows: Sequence[Any]) -> list[Any]:
         if self.row is None:
             return list(rows)
@@ -376,11 +386,14 @@ class StatementCache:
     ) -> FastResult | None:
         """PostgreSQL: the same, on the asyncpg adapter ``adapted`` of ``conn``."""
         plan = self.plan_for(statement, params)
-        if plan is None or plan.many:
-            return None
-        values = plan.values(params or {})
+        if plan is None or (plan.many and plan.row is not None):
+            return None  # RETURNING for many rows: SQLAlchemy's one multi-row statement
+        values: Any = [plan.values(p) for p in params] if plan.many else plan.values(params or {})
         try:
-            result = await plan.run_asyncpg(adapted, values)
+            if plan.many:
+                result = await plan.run_asyncpg_many(adapted, values)
+            else:
+                result = await plan.run_asyncpg(adapted, values)
         except Exception as error:
             wrapped = await asyncpg_error(conn, adapted, self.dialect, plan.sql, values, error)
             if wrapped is None:

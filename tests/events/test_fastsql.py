@@ -293,3 +293,29 @@ async def test_a_cancelled_transaction_leaves_no_broken_connection_behind() -> N
                 await b.execute(INSERT, {"id": f"b{i}", "amount": i})
         async with db.session() as s:
             assert (await s.execute(COUNT)).scalar() == 2 * db_idle_cap  # "never" rolled back
+
+
+async def test_executemany_takes_the_fast_path_except_returning_on_postgres(
+    make_db: MakeDb,
+) -> None:
+    db = await make_db("many", True)
+    assert db.statements is not None
+    for round_ in range(3):  # planned at the second execution
+        before = db.statements.fast
+        async with db.transaction() as s:
+            await s.execute(INSERT, [{"id": f"m{round_}-{i}", "amount": i} for i in range(4)])
+        assert db.statements.fast - before == (1 if round_ else 0)
+    for round_ in range(3):
+        before = db.statements.fast
+        async with db.transaction() as s:
+            new = await IGNORE.run_returning(
+                s, "id", [{"id": f"m0-{i}", "amount": 0} for i in range(2)]
+                + [{"id": f"r{round_}", "amount": 0}]
+            )
+        assert new == {f"r{round_}"}
+        # SQLite runs RETURNING for many rows one execute per row; PostgreSQL leaves it
+        # to SQLAlchemy's single multi-row statement
+        taken = db.statements.fast - before
+        assert taken == (0 if round_ == 0 or db.is_postgres else 1)
+    async with db.session() as s:
+        assert (await s.execute(COUNT)).scalar() == 12 + 3
