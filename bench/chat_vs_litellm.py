@@ -12,7 +12,8 @@ proxy, and straight to the upstream, all three calling the very same OpenAI-comp
   own process, as in production; RabbitMQ at ``AMQP_URL`` in a namespace of this run
   (deleted at the end), SQLite files in a temp dir (``--db postgres``: one PostgreSQL
   database per service, dropped at the end).
-* **LiteLLM**: ``litellm --config ... --num_workers 1``, no database, in its own
+* **LiteLLM**: ``litellm --config ... --num_workers 1`` (its default; ``--litellm-workers
+  2`` gives it both cores, as the platform's processes have), no database, in its own
   virtualenv (``var/bench/litellm-venv``, created here when missing), pointed at the
   same mock (``openai/bench-gpt`` with ``api_base``).
 * **direct**: wrk straight to the mock: the floor.
@@ -555,6 +556,11 @@ class LiteLLM:
     master: str = field(default_factory=lambda: "sk-" + secrets.token_hex(16))
     work: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="bench-litellm-")))
     proc: subprocess.Popen | None = None
+    workers: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"LiteLLM proxy ({self.workers} worker{'s' if self.workers > 1 else ''})"
 
     @property
     def url(self) -> str:
@@ -589,7 +595,7 @@ class LiteLLM:
                 "--port",
                 str(self.port),
                 "--num_workers",
-                "1",
+                str(self.workers),
             ],
             env,
             log,
@@ -821,7 +827,7 @@ def measure_cell(
     if lite is not None:
         rows.append(
             measure(
-                "LiteLLM proxy (1 worker)",
+                lite.label,
                 f"{lite.url}/v1/chat/completions",
                 lite.master,
                 lambda: {"litellm": lite.pids},
@@ -855,6 +861,12 @@ def main() -> None:
         "then reports each round and the median ratio (one 8 s LiteLLM run moves by ±10 %%)",
     )
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument(
+        "--litellm-workers",
+        type=int,
+        default=1,
+        help="LiteLLM's --num_workers (1, its default; 2 gives it both cores)",
+    )
     ap.add_argument("--litellm-venv", type=Path, default=LITELLM_VENV)
     ap.add_argument("--keep-logs", action="store_true", help="print the services' log tails")
     args = ap.parse_args()
@@ -891,7 +903,7 @@ def main() -> None:
             check_answer("platform", status, text, stream)
         if lite_exe is not None:
             t0 = time.monotonic()
-            lite = LiteLLM(lite_exe, mock_url)
+            lite = LiteLLM(lite_exe, mock_url, workers=args.litellm_workers)
             try:
                 lite.start()
                 for stream in modes:
