@@ -563,6 +563,11 @@ class Database:
         if healthy and len(self._pg_idle) < _MAX_IDLE_PG:
             self._pg_idle.append((conn, adapted))
             return
+        if not healthy:
+            # discarded, not returned: the pool's reset would roll back only a
+            # transaction the adapter knows of, and this one may still be in another
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
         with contextlib.suppress(Exception):
             await conn.close()
 

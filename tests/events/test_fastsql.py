@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -319,3 +320,44 @@ async def test_executemany_takes_the_fast_path_except_returning_on_postgres(
         assert taken == (0 if round_ == 0 or db.is_postgres else 1)
     async with db.session() as s:
         assert (await s.execute(COUNT)).scalar() == 12 + 3
+
+
+SLOW_COMMIT = """
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON fast_things
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+"""
+
+
+async def test_a_commit_cancelled_midway_never_puts_a_dirty_connection_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """COMMIT is under way (a deferred trigger makes it take 2 s) when the task is
+    cancelled: that connection's state is unknown (asyncpg closes it), so it is
+    discarded, not handed out again to be found dead at the next BEGIN."""
+    async with _pg_db() as (url, db):
+        conn = await asyncpg.connect(asyncpg_dsn(url))
+        try:
+            await conn.execute(SLOW_COMMIT)
+        finally:
+            await conn.close()
+
+        async def commit_slowly() -> None:
+            async with db.transaction() as s:
+                await s.execute(INSERT, {"id": "slow", "amount": 1})
+
+        task = asyncio.create_task(commit_slowly())
+        await asyncio.sleep(0.5)  # inside the COMMIT by now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # every connection handed out afterwards is clean: BEGIN works, work commits
+        caplog.set_level(logging.WARNING, logger="aiagg.db")
+        for i in range(4):
+            async with db.transaction() as a, db.transaction() as b:
+                await a.execute(stamped.insert(), {"id": f"a{i}"})
+                await b.execute(stamped.insert(), {"id": f"b{i}"})
+        async with db.session() as s:
+            assert len((await s.execute(select(stamped.c.id))).all()) == 8
+        assert "was lost" not in caplog.text  # none of them was found dead at BEGIN
