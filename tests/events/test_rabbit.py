@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import sys
@@ -197,6 +198,74 @@ async def test_publish_fails_fast_while_the_broker_is_away_and_recovers(
     # lost with the connection), n=2 was never published
     assert {e.data["n"] for e in got} == {1, 3}
     await eventually(lambda: len(late) == 1, within=10, what="the late joiner's delivery")
+
+
+async def test_a_consumer_the_broker_cancels_is_declared_and_attached_again(
+    rabbit_kit: BusKit, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone deletes the queue: RabbitMQ cancels the consumer. The bus declares the
+    queue (and its bindings) again and consumes on, with one WARNING."""
+    bus = await rabbit_kit.make()
+    rabbit_kit.track("deleted")
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event)
+
+    await bus.subscribe("deleted", ["usage.recorded"], handler)
+    await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 1}))
+    await eventually(lambda: len(got) == 1, what="first delivery")
+
+    caplog.set_level(logging.WARNING, logger="aiagg.events")
+    connection = await aio_pika.connect(rabbit_kit.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(bus.topology.queue("deleted"))
+    finally:
+        await connection.close()
+    await eventually(
+        lambda: _count(bus.queue_depth("deleted"), 0), within=10, what="queue declared again"
+    )
+
+    async def delivered() -> bool:
+        with contextlib.suppress(PublishError):  # unroutable until the binding is back
+            await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 2}))
+        await asyncio.sleep(0.2)
+        return any(e.data == {"n": 2} for e in got)
+
+    await eventually(delivered, within=10, what="delivery after the queue came back")
+    assert "cancelled the consumer of deleted" in caplog.text
+
+
+async def test_consumers_come_back_when_only_their_channel_was_reopened(
+    rabbit_kit: BusKit,
+) -> None:
+    """A channel error closes the consuming channel alone (the connection stays up);
+    aio-pika reopens it and the bus registers its consumers on the new channel."""
+    bus = await rabbit_kit.make()
+    rabbit_kit.track("reopened")
+    got: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        got.append(event)
+
+    await bus.subscribe("reopened", ["usage.recorded"], handler)
+    assert isinstance(bus, RabbitBus) and bus._con is not None
+    before = await bus._con.get_underlay_channel()
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await before.queue_declare("no-such-queue-" + bus.topology.namespace, passive=True)
+    await eventually(
+        lambda: _reopened(bus, before), within=10, what="the consuming channel reopened"
+    )
+    await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 1}))
+    await eventually(lambda: len(got) == 1, within=10, what="delivery on the new channel")
+
+
+async def _reopened(bus: RabbitBus, old: object) -> bool:
+    assert bus._con is not None
+    channel = await bus._con.get_underlay_channel()
+    subs = list(bus._subs.values())
+    return channel is not old and all(sub.channel is channel for sub in subs)
 
 
 async def test_an_outage_is_one_warning_each_way_not_library_tracebacks(

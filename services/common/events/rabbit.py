@@ -12,6 +12,13 @@
   delivery is acked after its handler returned (after the handler's DB commit), or
   after its copy reached the retry queue or the DLQ (confirmed). If that copy cannot
   be published the delivery is nacked with requeue, never dropped.
+* Consumers are registered on aiormq's channel under the robust one, so a delivery
+  reaches the handler as aiormq's ``DeliveredMessage`` in aiormq's own task: aio-pika's
+  ``IncomingMessage`` and the second task it starts per delivery cost 20 to 27 µs of CPU
+  per message here (53 against 73 to 80 µs with an ack), and a chat request makes four
+  deliveries. aio-pika still restores the queues and bindings after a reconnection;
+  the consumers are registered again by this bus (the channel's reopen callback), and
+  a consumer the broker cancels (its queue deleted) is declared and attached again.
 """
 
 from __future__ import annotations
@@ -30,8 +37,6 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
     AbstractRobustExchange,
@@ -39,6 +44,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
 from aio_pika.exceptions import PublishError as ReturnedError
+from aiormq.abc import DeliveredMessage
 from yarl import URL
 
 from . import quiet
@@ -136,7 +142,29 @@ class _Subscription:
     bindings: tuple[str, ...]
     handler: Handler
     consumer_tag: str | None = None
-    amqp_queue: AbstractQueue | None = None
+    #: the aiormq channel the consumer is registered on (a new one after a reopen)
+    channel: Any = None
+
+
+def _copy_properties(
+    *,
+    headers: dict[str, Any],
+    content_type: str | None,
+    message_id: str | None,
+    type_: str | None,
+    timestamp: datetime | None,
+    app_id: str | None,
+) -> Properties:
+    """The properties of a copy (retry, DLQ, replay): the original's, ``headers`` new."""
+    return Properties(
+        content_type=content_type,
+        delivery_mode=DeliveryMode.PERSISTENT.value,
+        headers=headers,
+        message_id=message_id,
+        message_type=type_,
+        timestamp=timestamp,
+        app_id=app_id,
+    )
 
 
 class RabbitBus(EventBus):
@@ -166,6 +194,8 @@ class RabbitBus(EventBus):
         self._inflight: set[asyncio.Task[Any]] = set()
         #: ack bookkeeping per consuming channel (delivery tags are per channel)
         self._acks: weakref.WeakKeyDictionary[Any, ChannelAcks] = weakref.WeakKeyDictionary()
+        #: aiormq channels whose broker-side consumer cancellations this bus follows
+        self._watched: weakref.WeakSet[Any] = weakref.WeakSet()
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self._connect_task: asyncio.Task[None] | None = None
@@ -284,6 +314,7 @@ class RabbitBus(EventBus):
             self._ready.set()
             connection.reconnect_callbacks.add(self._on_reconnect)
             connection.close_callbacks.add(self._on_connection_lost)
+            self._con.reopen_callbacks.add(self._on_consumer_channel_reopened)
 
     def _on_connection_lost(self, _connection: Any, exc: BaseException | None = None) -> None:
         """One WARNING per outage (the libraries' per-attempt lines are DEBUG, quiet.py)."""
@@ -307,10 +338,33 @@ class RabbitBus(EventBus):
                 time.monotonic() - self._lost_at,
             )
             self._lost_at = None
-        if any(sub.consumer_tag is None for sub in self._subs.values()):
-            task = asyncio.create_task(self._attach_pending(), name="amqp-attach-pending")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        self._schedule_attach()
+
+    def _on_consumer_channel_reopened(self, *_: Any) -> None:
+        """The consuming channel is a new aiormq channel now (a reconnection, or the
+        channel alone was closed and reopened): aio-pika restored the queues and
+        bindings; the consumers, registered on aiormq's channel, are attached again."""
+        for sub in self._subs.values():
+            sub.consumer_tag = None
+            sub.channel = None
+        self._schedule_attach()
+
+    def _on_consumer_cancelled(self, sub: _Subscription, tag: str) -> None:
+        """The broker cancelled the consumer (its queue was deleted): declare, attach."""
+        if self._closing or sub.consumer_tag != tag:
+            return
+        log.warning("RabbitMQ cancelled the consumer of %s; declaring it again", sub.queue)
+        sub.consumer_tag = None
+        sub.channel = None
+        self._declared.discard(sub.queue)
+        self._schedule_attach()
+
+    def _schedule_attach(self) -> None:
+        if self._closing or all(sub.consumer_tag is not None for sub in self._subs.values()):
+            return
+        task = asyncio.create_task(self._attach_pending(), name="amqp-attach-pending")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _attach_pending(self) -> None:
         async with self._setup_lock:
@@ -322,7 +376,7 @@ class RabbitBus(EventBus):
                     except (TimeoutError, *CONNECTION_EXCEPTIONS):
                         log.warning("could not attach the consumer of %s yet", sub.queue)
 
-    async def _declare_queue(self, queue: str, bindings: Sequence[str]) -> AbstractQueue:
+    async def _declare_queue(self, queue: str, bindings: Sequence[str]) -> Any:
         """Declare queue, its retry queues and DLQ, and bind it (idempotent, robust)."""
         assert self._con is not None and self._exchange is not None
         topo = self.topology
@@ -354,14 +408,13 @@ class RabbitBus(EventBus):
             task.cancel()
         connected = self.connected
         for sub in self._subs.values():
-            if connected and sub.amqp_queue is not None and sub.consumer_tag is not None:
-                # stop deliveries first; aio-pika waits for a reconnection without end,
-                # hence the outer timeout
+            if connected and sub.channel is not None and sub.consumer_tag is not None:
+                # stop deliveries first
                 with contextlib.suppress(*CONNECTION_EXCEPTIONS, TimeoutError):
                     async with asyncio.timeout(2):
-                        await sub.amqp_queue.cancel(sub.consumer_tag)
+                        await sub.channel.basic_cancel(sub.consumer_tag)
             sub.consumer_tag = None
-            sub.amqp_queue = None
+            sub.channel = None
         if self._inflight:
             _done, pending = await asyncio.wait(set(self._inflight), timeout=self._grace)
             for task in pending:  # not acked: the broker redelivers it
@@ -501,10 +554,12 @@ class RabbitBus(EventBus):
     async def _attach(self, sub: _Subscription) -> None:
         assert self._con is not None
         amqp_queue = await self._declare_queue(sub.queue, sub.bindings)
+        channel = await self._con.get_underlay_channel()
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS):  # closed: it comes back anyway
-                self._channel_acks(message.channel).delivered(message.delivery_tag)
+        async def on_message(message: DeliveredMessage) -> None:
+            # runs in the task aiormq starts for each delivery
+            tag = message.delivery_tag
+            self._channel_acks(message.channel).delivered(tag)
             task = asyncio.current_task()
             if task is not None:
                 self._inflight.add(task)
@@ -514,42 +569,58 @@ class RabbitBus(EventBus):
                 if task is not None:
                     self._inflight.discard(task)
 
-        sub.consumer_tag = await amqp_queue.consume(on_message, no_ack=False)
-        sub.amqp_queue = amqp_queue
+        ok = await channel.basic_consume(amqp_queue.name, on_message, no_ack=False)
+        sub.consumer_tag = ok.consumer_tag
+        sub.channel = channel
+        if channel not in self._watched:  # once per aiormq channel
+            self._watched.add(channel)
+            channel.on_consumer_cancel_callbacks.add(self._consumer_cancel_callback)
 
-    async def _on_message(self, sub: _Subscription, message: AbstractIncomingMessage) -> None:
-        attempt = attempt_of(message.headers)
+    def _consumer_cancel_callback(self, frame: Any) -> None:
+        tag = frame.consumer_tag
+        for sub in self._subs.values():
+            if sub.consumer_tag == tag:
+                self._on_consumer_cancelled(sub, tag)
+
+    async def _on_message(self, sub: _Subscription, message: DeliveredMessage) -> None:
+        props = message.header.properties
+        attempt = attempt_of(props.headers)
         outcome = await run_delivery(self.settings, sub.queue, message.body, attempt, sub.handler)
         try:
-            if outcome.action == "retry":
-                headers = _clean_headers(message.headers)
-                headers[H_ATTEMPT] = attempt + 1
+            if outcome.action in ("retry", "dead"):
+                headers = _clean_headers(props.headers)
+                if outcome.action == "retry":
+                    headers[H_ATTEMPT] = attempt + 1
+                    target = self.topology.retry_queue(sub.queue, outcome.delay)
+                else:
+                    headers.update(
+                        {
+                            H_ATTEMPT: attempt,
+                            H_DEATH_REASON: outcome.reason,
+                            H_ERROR: outcome.error,
+                            H_ORIGINAL_QUEUE: sub.queue,
+                        }
+                    )
+                    target = self.topology.dlq(sub.queue)
                 await self._send(
                     "",
-                    self.topology.retry_queue(sub.queue, outcome.delay),
-                    *self._copy(message, headers),
-                    label=message.type or "unknown",
+                    target,
+                    message.body,
+                    _copy_properties(
+                        headers=headers,
+                        content_type=props.content_type,
+                        message_id=props.message_id,
+                        type_=props.message_type,
+                        timestamp=props.timestamp,
+                        app_id=props.app_id,
+                    ),
+                    label=props.message_type or "unknown",
                     count=False,
                 )
-                RETRIED.labels(queue=sub.queue).inc()
-            elif outcome.action == "dead":
-                headers = _clean_headers(message.headers)
-                headers.update(
-                    {
-                        H_ATTEMPT: attempt,
-                        H_DEATH_REASON: outcome.reason,
-                        H_ERROR: outcome.error,
-                        H_ORIGINAL_QUEUE: sub.queue,
-                    }
-                )
-                await self._send(
-                    "",
-                    self.topology.dlq(sub.queue),
-                    *self._copy(message, headers),
-                    label=message.type or "unknown",
-                    count=False,
-                )
-                DEAD_LETTERED.labels(queue=sub.queue, reason=outcome.reason).inc()
+                if outcome.action == "retry":
+                    RETRIED.labels(queue=sub.queue).inc()
+                else:
+                    DEAD_LETTERED.labels(queue=sub.queue, reason=outcome.reason).inc()
         except PublishError as exc:
             log.error(
                 "could not move a failed delivery of %s out of the way (%s); requeued",
@@ -559,7 +630,7 @@ class RabbitBus(EventBus):
             with contextlib.suppress(*CONNECTION_EXCEPTIONS):
                 await asyncio.sleep(min(1.0, outcome.delay or 1.0))  # do not spin on it
                 self._channel_acks(message.channel).settled(message.delivery_tag)
-                await message.nack(requeue=True)
+                await message.channel.basic_nack(message.delivery_tag, requeue=True)
             return
         self._ack(message)
 
@@ -571,13 +642,10 @@ class RabbitBus(EventBus):
             acks = self._acks[channel] = ChannelAcks()
         return acks
 
-    def _ack(self, message: AbstractIncomingMessage) -> None:
+    def _ack(self, message: DeliveredMessage) -> None:
         """Ack once this loop turn ends, coalesced with the other deliveries of the
         channel that finished in the same turn (see :mod:`.acks`)."""
-        try:
-            channel = message.channel
-        except CONNECTION_EXCEPTIONS:
-            return  # the channel is gone: the broker redelivers, the consumer dedupes
+        channel = message.channel
         acks = self._channel_acks(channel)
         acks.want_ack(message.delivery_tag, message)
         if not acks.flush_scheduled:
@@ -591,32 +659,16 @@ class RabbitBus(EventBus):
         acks.flush_scheduled = False
         sends = acks.take()
         if sends:
-            task = asyncio.create_task(self._send_acks(sends), name="amqp-acks")
+            task = asyncio.create_task(self._send_acks(channel, sends), name="amqp-acks")
             self._ack_tasks.add(task)
             task.add_done_callback(self._ack_tasks.discard)
 
     @staticmethod
-    async def _send_acks(sends: list[tuple[AbstractIncomingMessage, bool]]) -> None:
+    async def _send_acks(channel: Any, sends: list[tuple[DeliveredMessage, bool]]) -> None:
         for message, multiple in sends:
             with contextlib.suppress(*CONNECTION_EXCEPTIONS):
                 # a lost ack means a redelivery, which the idempotent consumer absorbs
-                await message.ack(multiple=multiple)
-
-    @staticmethod
-    def _copy(
-        message: AbstractIncomingMessage, headers: dict[str, Any]
-    ) -> tuple[bytes, Properties]:
-        """The body and properties of a copy with ``headers`` (retry, DLQ, replay)."""
-        return message.body, aio_pika.Message(
-            body=b"",
-            headers=headers,
-            content_type=message.content_type,
-            delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            type=message.type,
-            timestamp=message.timestamp,
-            app_id=message.app_id,
-        ).properties
+                await channel.basic_ack(message.delivery_tag, multiple=multiple)
 
     # -- inspection and repair ----------------------------------------------------------------
 
@@ -691,7 +743,15 @@ class RabbitBus(EventBus):
                     await self._send(
                         "",
                         self.topology.queue(queue),
-                        *self._copy(message, replay_headers(_clean_headers(message.headers))),
+                        message.body,
+                        _copy_properties(
+                            headers=replay_headers(_clean_headers(message.headers)),
+                            content_type=message.content_type,
+                            message_id=message.message_id,
+                            type_=message.type,
+                            timestamp=message.timestamp,
+                            app_id=message.app_id,
+                        ),
                         label=message.type or "unknown",
                         count=False,
                     )
