@@ -146,24 +146,16 @@ class _Subscription:
     channel: Any = None
 
 
-def _copy_properties(
-    *,
-    headers: dict[str, Any],
-    content_type: str | None,
-    message_id: str | None,
-    type_: str | None,
-    timestamp: datetime | None,
-    app_id: str | None,
-) -> Properties:
+def _copy_properties(original: Properties, headers: dict[str, Any]) -> Properties:
     """The properties of a copy (retry, DLQ, replay): the original's, ``headers`` new."""
     return Properties(
-        content_type=content_type,
+        content_type=original.content_type,
         delivery_mode=DeliveryMode.PERSISTENT.value,
         headers=headers,
-        message_id=message_id,
-        message_type=type_,
-        timestamp=timestamp,
-        app_id=app_id,
+        message_id=original.message_id,
+        message_type=original.message_type,
+        timestamp=original.timestamp,
+        app_id=original.app_id,
     )
 
 
@@ -606,14 +598,7 @@ class RabbitBus(EventBus):
                     "",
                     target,
                     message.body,
-                    _copy_properties(
-                        headers=headers,
-                        content_type=props.content_type,
-                        message_id=props.message_id,
-                        type_=props.message_type,
-                        timestamp=props.timestamp,
-                        app_id=props.app_id,
-                    ),
+                    _copy_properties(props, headers),
                     label=props.message_type or "unknown",
                     count=False,
                 )
@@ -745,12 +730,7 @@ class RabbitBus(EventBus):
                         self.topology.queue(queue),
                         message.body,
                         _copy_properties(
-                            headers=replay_headers(_clean_headers(message.headers)),
-                            content_type=message.content_type,
-                            message_id=message.message_id,
-                            type_=message.type,
-                            timestamp=message.timestamp,
-                            app_id=message.app_id,
+                            message.properties, replay_headers(_clean_headers(message.headers))
                         ),
                         label=message.type or "unknown",
                         count=False,
