@@ -207,6 +207,16 @@ _MAX_IDLE_SQLITE = 16
 _MAX_IDLE_PG = 8
 
 
+async def _pg_discard(conn: AsyncConnection) -> None:
+    """Close a PostgreSQL connection for good. Not returned to the pool: its reset rolls
+    back only a transaction the adapter knows of, and this one may be in another, or
+    half-way through a BEGIN or a COMMIT."""
+    with contextlib.suppress(Exception):
+        await conn.invalidate()
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
 def _wrapped(statement: str, exc: sqlite3.Error, dialect: Dialect) -> DBAPIError:
     """The driver's error as SQLAlchemy's exception class (what its own path raises)."""
     return DBAPIError.instance(statement, None, exc, sqlite3.Error, dialect=dialect)
@@ -518,8 +528,7 @@ class Database:
                 return conn, adapted
             except Exception as error:
                 wrapped = await asyncpg_error(conn, adapted, self.dialect, "BEGIN", (), error)
-                with contextlib.suppress(Exception):
-                    await conn.close()
+                await _pg_discard(conn)
                 if wrapped is None:
                     raise
                 if attempt == 1 and wrapped.connection_invalidated:  # type: ignore[attr-defined]
@@ -531,8 +540,7 @@ class Database:
                     continue
                 raise wrapped from error
             except BaseException:  # cancelled while BEGIN was under way: state unknown
-                with contextlib.suppress(Exception):
-                    await conn.close()
+                await _pg_discard(conn)
                 raise
         raise AssertionError("unreachable")
 
@@ -562,22 +570,16 @@ class Database:
             healthy = False
         if healthy and len(self._pg_idle) < _MAX_IDLE_PG:
             self._pg_idle.append((conn, adapted))
-            return
-        if not healthy:
-            # discarded, not returned: the pool's reset would roll back only a
-            # transaction the adapter knows of, and this one may still be in another
+        elif healthy:
             with contextlib.suppress(Exception):
-                await conn.invalidate()
-        with contextlib.suppress(Exception):
-            await conn.close()
+                await conn.close()  # back to the pool
+        else:
+            await _pg_discard(conn)
 
     async def _pg_drop_idle(self) -> None:
         idle, self._pg_idle = self._pg_idle, []
         for conn, _adapted in idle:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
-            with contextlib.suppress(Exception):
-                await conn.close()
+            await _pg_discard(conn)
         if self.async_engine is not None:
             await self.async_engine.dispose()  # and those checked in to the pool
 

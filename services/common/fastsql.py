@@ -73,8 +73,14 @@ def asyncpg_adapter(adapted: Any) -> Any | None:
 async def begin_asyncpg(adapted: Any) -> None:
     """Send BEGIN now, as SQLAlchemy's adapter does before its first statement."""
     async with adapted._execute_mutex:
-        if adapted._transaction is None:
-            await adapted._start_transaction()
+        await _begun(adapted)
+
+
+async def _begun(adapted: Any) -> None:
+    """BEGIN unless the adapter's transaction is open (call under its mutex): a statement
+    never runs outside a transaction, as on SQLAlchemy's path."""
+    if adapted._transaction is None:
+        await adapted._start_transaction()
 
 
 async def end_asyncpg(adapted: Any, *, commit: bool) -> None:
@@ -247,8 +253,7 @@ class _Plan:
     async def run_asyncpg(self, adapted: Any, values: tuple[Any, ...]) -> FastResult:
         """One execution on SQLAlchemy's asyncpg adapter, as its cursor would run it."""
         async with adapted._execute_mutex:
-            if adapted._transaction is None:
-                await adapted._start_transaction()
+            await _begun(adapted)
             prepared, _attributes = await adapted._prepare(
                 self.sql, adapted._invalidate_schema_cache_asof
             )
@@ -256,14 +261,13 @@ class _Plan:
             status = prepared.get_statusmsg()
         match = _STATUS.match(status or "")
         rowcount = int(match.group(1)) if match else -1
-        return FastResult(self._rows(records) if self.row is not None else [], rowcount, self.keys)
+        return FastResult(self._rows(records), rowcount, self.keys)
 
     async def run_asyncpg_many(self, adapted: Any, values: list[tuple[Any, ...]]) -> FastResult:
         """An ``executemany`` without RETURNING, as SQLAlchemy's adapter runs it (asyncpg
         sends the rows in one pipeline; the row count is unknown, -1, as there)."""
         async with adapted._execute_mutex:
-            if adapted._transaction is None:
-                await adapted._start_transaction()
+            await _begun(adapted)
             await adapted._connection.executemany(self.sql, values)
         return FastResult([], -1, self.keys)
 

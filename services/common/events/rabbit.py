@@ -37,6 +37,7 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import (
+    AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
     AbstractRobustExchange,
@@ -368,7 +369,7 @@ class RabbitBus(EventBus):
                     except (TimeoutError, *CONNECTION_EXCEPTIONS):
                         log.warning("could not attach the consumer of %s yet", sub.queue)
 
-    async def _declare_queue(self, queue: str, bindings: Sequence[str]) -> Any:
+    async def _declare_queue(self, queue: str, bindings: Sequence[str]) -> AbstractQueue:
         """Declare queue, its retry queues and DLQ, and bind it (idempotent, robust)."""
         assert self._con is not None and self._exchange is not None
         topo = self.topology
