@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import os
 import random
+import re
 import socket
 import time
 import uuid
@@ -200,12 +201,37 @@ async def pg_admin(sql: str) -> None:
         await conn.close()
 
 
+#: what a killed test run leaves behind (databases, namespaces) is swept by later runs
+#: once it is older than this; a run going on at the same time is never touched
+STALE_AFTER = 3 * 3600
+
+
+def stale(name: str, pattern: re.Pattern[str]) -> bool:
+    """``name`` carries a start time (``pattern``'s first group) older than STALE_AFTER."""
+    match = pattern.match(name)
+    return bool(match) and int(match.group(1)) < time.time() - STALE_AFTER
+
+
 @contextlib.asynccontextmanager
 async def fresh_database(prefix: str) -> AsyncIterator[str]:
-    """A PostgreSQL database of the caller's own (its URL), dropped afterwards."""
+    """A PostgreSQL database of the caller's own (its URL), dropped afterwards.
+
+    Its name carries the time it was made, so the databases of a killed run (never
+    dropped) are dropped by the next ``fresh_database`` of the same prefix, 3 h on.
+    """
     require_server(PG_URL, 5432, "PostgreSQL")
-    name = f"{prefix}{uuid.uuid4().hex[:12]}"
-    await pg_admin(f'CREATE DATABASE "{name}"')
+    name = f"{prefix}{int(time.time())}_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(asyncpg_dsn(PG_URL))
+    try:
+        left = re.compile(rf"^{re.escape(prefix)}(\d+)_")
+        for row in await conn.fetch(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, $1)", prefix
+        ):
+            if stale(row["datname"], left):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
     try:
         yield str(URL(PG_URL).with_path(f"/{name}"))
     finally:

@@ -45,23 +45,18 @@ from tests.support import (
     pg_admin,
     require_server,
     run_in_thread,
+    stale,
     sweep_namespaces,
 )
 
 #: every namespace of this test run starts with it; the end-of-run sweep deletes these,
 #: never the queues of another run going on at the same time on the same broker, plus
-#: those of runs started more than STALE_AFTER ago (killed before their own sweep)
+#: those of runs started more than support.STALE_AFTER ago (killed before their own sweep)
 RUN_STARTED = int(time.time())
 NS_PREFIX = f"tev-{RUN_STARTED}-{uuid.uuid4().hex[:6]}-"
 _STALE_NS = re.compile(r"^tev-(\d+)-")
 PG_DB_PREFIX = "aiagg_events_"
 _STALE_DB = re.compile(r"^aiagg_events_(\d+)_")
-STALE_AFTER = 3 * 3600
-
-
-def _stale(name: str, pattern: re.Pattern[str]) -> bool:
-    match = pattern.match(name)
-    return bool(match) and int(match.group(1)) < time.time() - STALE_AFTER
 
 
 async def eventually(
@@ -177,7 +172,7 @@ async def bus_kit(request: pytest.FixtureRequest, namespace: str) -> AsyncIterat
 def _sweep_test_namespaces() -> Iterable[None]:
     """At the end of the run, delete any queue or exchange of this run a test left behind."""
     yield
-    sweep_namespaces(lambda name: name.startswith(NS_PREFIX) or _stale(name, _STALE_NS))
+    sweep_namespaces(lambda name: name.startswith(NS_PREFIX) or stale(name, _STALE_NS))
 
 
 @pytest.fixture
@@ -218,7 +213,7 @@ def pg_database() -> Iterable[str]:
                 "SELECT datname FROM pg_database WHERE datname LIKE $1", PG_DB_PREFIX + "%"
             )
             for row in rows:  # left by killed runs
-                if _stale(row["datname"], _STALE_DB):
+                if stale(row["datname"], _STALE_DB):
                     await conn.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
             await conn.execute(f'CREATE DATABASE "{name}"')
         finally:
