@@ -256,7 +256,9 @@ def sweep_namespaces(matches: Callable[[str], bool]) -> None:
 
 class TcpRelay:
     """Forwards TCP from a local port to ``target``; :meth:`cut` aborts every connection
-    (the client sees its peer vanish) and :meth:`stop` also stops listening."""
+    (the client sees its peer vanish) and :meth:`stop` also stops listening;
+    :meth:`hold_replies` keeps what the target sends until :meth:`release_replies` (a
+    server that stalls: the client's requests get there, its answers do not come)."""
 
     def __init__(self, target_host: str, target_port: int, *, port: int = 0) -> None:
         self.target = (target_host, target_port)
@@ -264,6 +266,14 @@ class TcpRelay:
         self._server: asyncio.AbstractServer | None = None
         self._transports: list[asyncio.BaseTransport] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._replies = asyncio.Event()
+        self._replies.set()
+
+    def hold_replies(self) -> None:
+        self._replies.clear()
+
+    def release_replies(self) -> None:
+        self._replies.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -271,9 +281,13 @@ class TcpRelay:
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gate: bool = False
+    ) -> None:
         try:
             while data := await reader.read(65536):
+                if gate:
+                    await self._replies.wait()
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
@@ -290,7 +304,7 @@ class TcpRelay:
         self._transports += [writer.transport, up_writer.transport]
         for task in (
             asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
+            asyncio.create_task(self._pipe(up_reader, writer, gate=True)),
         ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

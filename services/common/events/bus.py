@@ -15,6 +15,7 @@ Delivery semantics, identical on both:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -42,6 +43,9 @@ Handler = Callable[[Event], Awaitable[None]]
 
 #: longest exception text kept in the x-error header
 MAX_ERROR_TEXT = 2000
+
+#: most publishes of one batch awaiting their confirm at the same time (default path)
+MAX_IN_FLIGHT = 256
 
 
 class PublishError(Exception):
@@ -95,6 +99,18 @@ def dead_letter_from(queue: str, body: bytes, headers: dict[str, Any] | None, me
         message_id=str(message_id) if message_id is not None else None,
         headers=headers,
     )
+
+
+@dataclass
+class BatchResult:
+    """What became of the events of :meth:`EventBus.publish_stored_batch`, by index.
+
+    Filled in as confirms arrive, so a caller cancelled midway still knows which
+    events the broker took (and marks them sent instead of publishing them again).
+    """
+
+    confirmed: set[int] = field(default_factory=set)
+    failed: dict[int, Exception] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,43 @@ class EventBus(ABC):
         Buses that can send the stored body as it is override this."""
         await self.publish(stored.event())
 
+    async def publish_stored_batch(self, batch: Sequence[StoredEvent], result: BatchResult) -> None:
+        """Publish outbox rows in order, their confirms awaited together, into ``result``.
+
+        Raises only when cancelled: each event is confirmed or failed in ``result``
+        (failed with a :class:`PublishError`, or whatever a bug raised). After the first
+        failure no further publish starts (the broker is in trouble: do not pile up
+        more failures); the events not started are in neither set. This default
+        pipelines :meth:`publish_stored`, at most :data:`MAX_IN_FLIGHT` at once;
+        :class:`RabbitBus` writes that many in one go.
+        """
+        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def publish(index: int, stored: StoredEvent) -> None:
+            try:
+                await self.publish_stored(stored)
+            except Exception as exc:  # a PublishError, or a bug: the caller reports it
+                result.failed[index] = exc
+            else:
+                result.confirmed.add(index)
+            finally:
+                slots.release()
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for index, stored in enumerate(batch):
+                await slots.acquire()
+                if result.failed:
+                    slots.release()
+                    break
+                tasks.append(asyncio.create_task(publish(index, stored)))
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
     @abstractmethod
     async def publish_raw(
         self,
@@ -229,6 +282,8 @@ class EventBus(ABC):
 
 
 __all__ = [
+    "MAX_IN_FLIGHT",
+    "BatchResult",
     "DeadLetter",
     "EventBus",
     "Handler",

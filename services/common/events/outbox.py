@@ -9,8 +9,9 @@ them again. A crash between publish and "mark sent" publishes an event twice, wh
 consumers absorb (they dedupe by event id, see :mod:`.consumer`).
 
 Pipelining: the relay does not wait for each confirm before the next publish. It
-starts the publishes of a batch in id order, up to :data:`MAX_IN_FLIGHT` awaiting their
-confirms at once, then marks every confirmed row sent in one transaction. If some fail, the
+hands a batch to the bus, which sends it in id order with up to
+:data:`~.bus.MAX_IN_FLIGHT` confirms awaited at once (RabbitMQ: written in one go), then
+marks every confirmed row sent in one transaction. If some fail, the
 confirmed ones are still marked sent, the first failed row gets ``attempts`` and
 ``last_error``, and the error is raised (the relay backs off). So after a failure a
 later event of the same batch may already be out while the failed one waits for the
@@ -55,7 +56,7 @@ from sqlalchemy import (
 )
 
 from ..db import Database, DbSession
-from .bus import EventBus, PublishError, error_text
+from .bus import BatchResult, EventBus, PublishError, error_text
 from .envelope import Event, StoredEvent
 from .metrics import OUTBOX_BACKLOG, OUTBOX_RELAYED
 from .settings import EventSettings
@@ -64,9 +65,6 @@ log = logging.getLogger("aiagg.events.outbox")
 
 #: set in ``session.info`` by :func:`record`; the relay wakes after such a commit
 OUTBOX_PENDING = "aiagg_outbox_pending"
-
-#: most publishes of one relay awaiting their broker confirm at the same time
-MAX_IN_FLIGHT = 256
 
 #: seconds between two ``COUNT(*)`` of the pending rows for the backlog gauge
 _BACKLOG_REFRESH = 1.0
@@ -289,50 +287,27 @@ class OutboxRelay:
     async def _publish_rows(
         self, rows: Sequence[tuple[int, StoredEvent]]
     ) -> tuple[list[int], tuple[int, str] | None, Exception | None]:
-        """Publish ``rows`` with up to :data:`MAX_IN_FLIGHT` confirms awaited at once.
+        """Publish ``rows`` as one batch (:meth:`EventBus.publish_stored_batch`).
 
         Awaiting each confirm before the next publish made every event cost a broker
-        round trip of idle time plus a wake-up; pipelined, one round trip covers many.
-        Publishes start in id order, which one channel keeps on the broker. After a
-        failure no new publish starts; those in flight finish. Returns the confirmed ids,
-        the first failed row (lowest id) with its error text, and that error. If this is
-        cancelled (relay stopped) it cancels what is in flight, marks what was confirmed,
-        and re-raises.
+        round trip of idle time plus a wake-up; batched, one round trip covers many.
+        Publishes go out in id order, which one channel keeps on the broker; after a
+        failure no further publish starts. Returns the confirmed ids, the first failed
+        row (lowest id) with its error text, and that error. If this is cancelled (relay
+        stopped) it marks what was confirmed, and re-raises.
         """
-        slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        errors: dict[int, Exception] = {}
-        confirmed: set[int] = set()
-
-        async def publish(row_id: int, stored: StoredEvent) -> None:
-            try:
-                await self.bus.publish_stored(stored)
-            except Exception as exc:
-                errors[row_id] = exc
-            else:
-                confirmed.add(row_id)
-            finally:
-                slots.release()
-
-        tasks: list[asyncio.Task[None]] = []
+        result = BatchResult()
         try:
-            for row_id, stored in rows:
-                await slots.acquire()
-                if errors:  # the broker is in trouble: do not pile up more failures
-                    slots.release()
-                    break
-                tasks.append(asyncio.create_task(publish(row_id, stored)))
-            await asyncio.gather(*tasks)
+            await self.bus.publish_stored_batch([stored for _id, stored in rows], result)
         except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._mark(sorted(confirmed), None)
+            await self._mark([rows[i][0] for i in sorted(result.confirmed)], None)
             raise
-        sent = [row_id for row_id, _stored in rows if row_id in confirmed]
-        if not errors:
+        sent = [rows[i][0] for i in sorted(result.confirmed)]
+        if not result.failed:
             return sent, None, None
-        first = min(errors)
-        return sent, (first, error_text(errors[first])), errors[first]
+        first = min(result.failed)
+        error = result.failed[first]
+        return sent, (rows[first][0], error_text(error)), error
 
     async def _mark(self, sent: list[int], failed: tuple[int, str] | None) -> None:
         if not sent and failed is None:
