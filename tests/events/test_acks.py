@@ -7,7 +7,8 @@ import asyncio
 import aiormq
 import pytest
 
-from services.common.events import USAGE_RECORDED, Event, QueueSpec
+from services.common.events import USAGE_RECORDED, Event, QueueSpec, amqpwire
+from services.common.events import rabbit as rabbit_module
 from services.common.events.acks import plan
 
 from .conftest import BusKit, eventually, test_settings
@@ -30,15 +31,22 @@ def test_plan(ready: set[int], unsettled: set[int], expected: tuple) -> None:
 
 @pytest.fixture
 def ack_frames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
-    """Every basic.ack the client sends: (delivery tag, multiple)."""
+    """Every basic.ack the client sends: (delivery tag, multiple). The bus writes ack
+    frames itself (``amqpwire.ack``), and through aiormq's ``basic_ack`` when it cannot."""
     sent: list[tuple[int, bool]] = []
     original = aiormq.Channel.basic_ack
+    encode = amqpwire.ack
 
     async def spy(self, delivery_tag, multiple=False, wait=False):
         sent.append((delivery_tag, multiple))
         return await original(self, delivery_tag, multiple=multiple, wait=wait)
 
+    def frame_spy(channel: int, delivery_tag: int, *, multiple: bool) -> bytes:
+        sent.append((delivery_tag, multiple))
+        return encode(channel, delivery_tag, multiple=multiple)
+
     monkeypatch.setattr(aiormq.Channel, "basic_ack", spy)
+    monkeypatch.setattr(amqpwire, "ack", frame_spy)
     return sent
 
 
@@ -104,3 +112,35 @@ async def test_a_delivery_still_at_work_is_not_acked_by_a_later_multiple_ack(
     await eventually(lambda: redelivered == [2], what="n=2 redelivered")
     await asyncio.sleep(0.5)
     assert redelivered == [2]
+
+
+async def test_without_the_channel_parts_acks_go_through_basic_ack(
+    rabbit_kit: BusKit, ack_frames: list[tuple[int, bool]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later aiormq without a name the frame writer uses: acks still go out, each
+    through aiormq's ``basic_ack``, and nothing is delivered twice."""
+    monkeypatch.setattr(rabbit_module, "_AIORMQ_PARTS", (*rabbit_module._AIORMQ_PARTS, "gone"))
+    monkeypatch.setattr(rabbit_module, "_frame_writers", {})
+    encoded: list[int] = []
+    monkeypatch.setattr(amqpwire, "ack", lambda *a, **k: encoded.append(1))
+    bus = await rabbit_kit.make([QueueSpec("acks", (USAGE_RECORDED,))])
+    seen: list[int] = []
+
+    async def handler(event: Event) -> None:
+        seen.append(event.data["n"])
+
+    await bus.subscribe("acks", [USAGE_RECORDED], handler)
+    for i in range(5):
+        await bus.publish(Event.new(USAGE_RECORDED, "test", {"n": i}))
+    await eventually(lambda: len(seen) == 5, what="5 handled")
+    # tag 5 is the last: acked alone or by a multiple ack, it settles every delivery
+    await eventually(lambda: any(t == 5 for t, _m in ack_frames), what="every delivery acked")
+    assert encoded == []
+    again: list[int] = []
+
+    async def record(event: Event) -> None:
+        again.append(event.data["n"])
+
+    bus = await rabbit_kit.reopen(bus, [("acks", [USAGE_RECORDED], record)])
+    await asyncio.sleep(0.8)
+    assert again == []

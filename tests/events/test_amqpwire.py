@@ -157,6 +157,13 @@ def test_method_frame_fields(
     assert ours == pamqp_publish(channel, exchange, routing_key, props, b"x", mandatory=mandatory)
 
 
+@pytest.mark.parametrize("tag", [1, 255, 2**32 + 7, 2**63 - 1])
+@pytest.mark.parametrize("multiple", [True, False])
+def test_an_ack_is_pamqps_bytes(tag: int, multiple: bool) -> None:
+    theirs = frame.marshal(commands.Basic.Ack(delivery_tag=tag, multiple=multiple), 9)
+    assert amqpwire.ack(9, tag, multiple=multiple) == theirs
+
+
 def test_a_short_string_over_255_bytes_is_refused() -> None:
     with pytest.raises(ValueError, match="longer than 255 bytes"):
         amqpwire.publish(

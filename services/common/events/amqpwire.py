@@ -1,4 +1,4 @@
-"""AMQP 0-9-1 ``basic.publish`` frames, encoded directly: pure, no I/O.
+"""AMQP 0-9-1 ``basic.publish`` and ``basic.ack`` frames, encoded directly: pure, no I/O.
 
 Why: pamqp encodes every frame generically (per attribute: a type lookup, a
 validation, an encoder call), which was most of the client CPU of a confirmed publish
@@ -27,6 +27,8 @@ _FRAME_HEAD = struct.Struct(">BHI")
 _PUBLISH = struct.Struct(">HHH").pack(60, 40, 0)
 #: class basic, weight 0, body size, property flags
 _CONTENT_HEADER = struct.Struct(">HHQH")
+#: class basic (60), method ack (80), delivery tag, the ``multiple`` bit
+_ACK = struct.Struct(">HHQB")
 _TIMESTAMP = struct.Struct(">Q")
 
 
@@ -116,4 +118,9 @@ def publish(
     return b"".join(out)
 
 
-__all__ = ["encode_properties", "publish", "shortstr"]
+def ack(channel: int, delivery_tag: int, *, multiple: bool) -> bytes:
+    """A ``basic.ack`` frame on ``channel``, ready to write."""
+    return _frame(_METHOD, channel, _ACK.pack(60, 80, delivery_tag, 1 if multiple else 0))
+
+
+__all__ = ["ack", "encode_properties", "publish", "shortstr"]

@@ -197,19 +197,25 @@ _AIORMQ_PARTS = (
     "create_future",
     "max_content_size",
     "publisher_confirms",
+    "is_closed",
 )
 _frame_writers: dict[type, bool] = {}
 
 
-def _writes_frames(channel: Any) -> bool:
-    """Whether ``channel`` (aiormq's) can take :func:`_write_publishes`."""
+def _takes_frames(channel: Any) -> bool:
+    """Whether ``channel`` (aiormq's) has what writing our own frames to it needs."""
     kind = type(channel)
     known = _frame_writers.get(kind)
     if known is None:
         known = _frame_writers[kind] = isinstance(getattr(kind, "lock", None), property) and all(
             hasattr(channel, name) for name in _AIORMQ_PARTS
         )
-    return known and channel.publisher_confirms
+    return known
+
+
+def _writes_frames(channel: Any) -> bool:
+    """Whether ``channel`` can take :func:`_write_publishes` (a confirming channel)."""
+    return _takes_frames(channel) and channel.publisher_confirms
 
 
 async def _write_publishes(
@@ -844,10 +850,23 @@ class RabbitBus(EventBus):
             return
         acks.flush_scheduled = False
         sends = acks.take()
-        if sends:
-            task = asyncio.create_task(self._send_acks(channel, sends), name="amqp-acks")
-            self._ack_tasks.add(task)
-            task.add_done_callback(self._ack_tasks.discard)
+        if not sends:
+            return
+        if _takes_frames(channel):
+            # one frame write, no task: a flush is a loop callback, and aiormq's basic_ack
+            # would cost a task, pamqp's encoding and a drain wait per ack
+            if channel.is_closed:
+                return  # the broker redelivers them; the idempotent consumer absorbs that
+            payload = b"".join(
+                amqpwire.ack(channel.number, message.delivery_tag, multiple=multiple)
+                for message, multiple in sends
+            )
+            with contextlib.suppress(asyncio.QueueFull):  # the writer is behind: wait below
+                channel.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+                return
+        task = asyncio.create_task(self._send_acks(channel, sends), name="amqp-acks")
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
 
     @staticmethod
     async def _send_acks(channel: Any, sends: list[tuple[DeliveredMessage, bool]]) -> None:
