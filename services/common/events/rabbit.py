@@ -19,6 +19,11 @@
   deliveries. aio-pika still restores the queues and bindings after a reconnection;
   the consumers are registered again by this bus (the channel's reopen callback), and
   a consumer the broker cancels (its queue deleted) is declared and attached again.
+* Frames of our own where they are hot, byte for byte what aiormq would send or read:
+  a relay's batch is written as one frame sequence (:mod:`.amqpwire`, confirms awaited
+  together), coalesced acks are written from the flush callback, and deliveries and
+  confirms are read by :mod:`.framereader`. Each falls back to aiormq's own path when
+  aiormq lacks a part it uses (see ``_AIORMQ_PARTS`` and ``framereader.install``).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from aio_pika.exceptions import PublishError as ReturnedError
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from yarl import URL
 
-from . import amqpwire, quiet
+from . import amqpwire, framereader, quiet
 from . import bus as bus_module
 from .acks import ChannelAcks
 from .bus import (
@@ -307,6 +312,7 @@ class RabbitBus(EventBus):
         #: monotonic time the live connection was lost (None: not lost)
         self._lost_at: float | None = None
         quiet.install()
+        framereader.install()
 
     # -- connection ---------------------------------------------------------------------------
 
