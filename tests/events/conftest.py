@@ -261,3 +261,18 @@ async def collector(bus: EventBus, queue: str, bindings: list[str]) -> list[Even
 
     await bus.subscribe(queue, bindings, handler)
     return got
+
+
+def assert_contract_message(message: Any, event: Event) -> None:
+    """An AMQP message (aio-pika's, read back from a queue) carries ``event`` as the
+    events contract says: its stored body and every contract property."""
+    assert message is not None
+    assert message.body == event.to_json()
+    assert message.message_id == event.id
+    assert message.type == event.type
+    assert message.app_id == event.source
+    assert message.content_type == "application/json"
+    assert message.delivery_mode == 2  # persistent
+    assert message.routing_key == event.type
+    assert message.timestamp is not None
+    assert abs(message.timestamp.timestamp() - event.occurred_at.timestamp()) < 1.5

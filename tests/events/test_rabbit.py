@@ -13,7 +13,6 @@ from pathlib import Path
 import aio_pika
 import aiormq
 import pytest
-from aio_pika.abc import DeliveryMode
 
 from services.common.db import Database
 from services.common.events import (
@@ -28,7 +27,7 @@ from services.common.events import (
 )
 from tests.support import TcpRelay
 
-from .conftest import BusKit, eventually, test_settings, via_proxy
+from .conftest import BusKit, assert_contract_message, eventually, test_settings, via_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,15 +48,7 @@ async def test_published_message_carries_the_contract_properties(rabbit_kit: Bus
     event = Event.new(USAGE_RECORDED, "proxy", {"tokens": 12, "cost": "0.000120"})
     await bus.publish(event)
     message = await _get(rabbit_kit.settings.amqp_url, bus.topology.queue("raw"))
-    assert message is not None
-    assert message.message_id == event.id
-    assert message.type == USAGE_RECORDED
-    assert message.app_id == "proxy"
-    assert message.content_type == "application/json"
-    assert message.delivery_mode == DeliveryMode.PERSISTENT
-    assert message.timestamp is not None
-    assert abs(message.timestamp.timestamp() - event.occurred_at.timestamp()) < 1.5
-    assert message.routing_key == USAGE_RECORDED
+    assert_contract_message(message, event)
     assert Event.from_json(message.body) == event
 
 
@@ -74,16 +65,7 @@ async def test_the_relay_sends_an_outbox_row_with_the_contract_properties(
         await record_event(session, event)
     assert await OutboxRelay(any_db, bus).run_once() == 1
     message = await _get(rabbit_kit.settings.amqp_url, bus.topology.queue("relayed"))
-    assert message is not None
-    assert message.body == event.to_json()
-    assert message.message_id == event.id
-    assert message.type == USAGE_RECORDED
-    assert message.app_id == "proxy"
-    assert message.content_type == "application/json"
-    assert message.delivery_mode == DeliveryMode.PERSISTENT
-    assert message.routing_key == USAGE_RECORDED
-    assert message.timestamp is not None
-    assert abs(message.timestamp.timestamp() - event.occurred_at.timestamp()) < 1.5
+    assert_contract_message(message, event)
 
 
 async def test_topology_names_and_retry_queues(rabbit_kit: BusKit) -> None:

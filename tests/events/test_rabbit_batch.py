@@ -13,7 +13,6 @@ from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import DeliveryMode
 
 from services.common.events import (
     APIKEY_REVOKED,
@@ -30,7 +29,14 @@ from services.common.events.envelope import StoredEvent
 from services.common.events.metrics import CONFIRMED, PUBLISH_FAILED, PUBLISHED
 from tests.support import TcpRelay
 
-from .conftest import BusKit, collector, eventually, test_settings, via_proxy
+from .conftest import (
+    BusKit,
+    assert_contract_message,
+    collector,
+    eventually,
+    test_settings,
+    via_proxy,
+)
 
 
 def stored(event: Event) -> StoredEvent:
@@ -39,6 +45,16 @@ def stored(event: Event) -> StoredEvent:
 
 def batch_of(n: int, type_: str = USAGE_RECORDED) -> list[StoredEvent]:
     return [stored(Event.new(type_, "proxy", {"n": i})) for i in range(n)]
+
+
+async def _via(kit: BusKit, proxy: TcpRelay, queue: str, **settings: Any) -> RabbitBus:
+    """A bus on a queue bound to usage.recorded, connected through ``proxy``."""
+    config = test_settings(
+        kit.settings.events_namespace, amqp_url=via_proxy(kit.settings.amqp_url, proxy), **settings
+    )
+    bus = await kit.make([QueueSpec(queue, ("usage.recorded",))], settings=config)
+    assert isinstance(bus, RabbitBus)
+    return bus
 
 
 def count(metric: Any, **labels: str) -> float:
@@ -112,12 +128,7 @@ async def test_a_stalled_broker_times_each_message_out_and_the_channel_stays_in_
 ) -> None:
     """The frames reach the broker but its confirms do not come back in time: every event
     fails with a timeout, and the late confirms, once they come, are ignored."""
-    settings = test_settings(
-        rabbit_kit.settings.events_namespace,
-        amqp_url=via_proxy(rabbit_kit.settings.amqp_url, amqp_proxy),
-        events_publish_timeout=0.5,
-    )
-    bus = await rabbit_kit.make([QueueSpec("stall", ("usage.recorded",))], settings=settings)
+    bus = await _via(rabbit_kit, amqp_proxy, "stall", events_publish_timeout=0.5)
     assert isinstance(bus, RabbitBus)
     got = await collector(bus, "stall", ["usage.recorded"])
     timeouts = count(PUBLISH_FAILED, type=USAGE_RECORDED, reason="timeout")
@@ -139,11 +150,7 @@ async def test_a_cancelled_batch_keeps_what_was_confirmed(
 ) -> None:
     """Two chunks: the first is confirmed; the broker stalls before it answers the second;
     the relay is stopped. The first chunk is in ``result``, the second in neither set."""
-    settings = test_settings(
-        rabbit_kit.settings.events_namespace,
-        amqp_url=via_proxy(rabbit_kit.settings.amqp_url, amqp_proxy),
-    )
-    bus = await rabbit_kit.make([QueueSpec("cancel", ("usage.recorded",))], settings=settings)
+    bus = await _via(rabbit_kit, amqp_proxy, "cancel")
     assert isinstance(bus, RabbitBus)
     monkeypatch.setattr(bus_module, "MAX_IN_FLIGHT", 4)
     real_write = rabbit_module._write_publishes
@@ -195,12 +202,7 @@ async def test_a_cancelled_write_takes_no_delivery_tag(rabbit_kit: BusKit) -> No
 async def test_a_lost_connection_fails_the_batch_at_once(
     rabbit_kit: BusKit, amqp_proxy: TcpRelay
 ) -> None:
-    settings = test_settings(
-        rabbit_kit.settings.events_namespace,
-        amqp_url=via_proxy(rabbit_kit.settings.amqp_url, amqp_proxy),
-        events_publish_timeout=30,
-    )
-    bus = await rabbit_kit.make([QueueSpec("lost", ("usage.recorded",))], settings=settings)
+    bus = await _via(rabbit_kit, amqp_proxy, "lost", events_publish_timeout=30)
     assert isinstance(bus, RabbitBus)
     amqp_proxy.hold_replies()
     result = BatchResult()
@@ -268,14 +270,4 @@ async def test_the_written_message_carries_the_contract_properties(rabbit_kit: B
         got.append(await queue.get(no_ack=True, fail=False))
     finally:
         await connection.close()
-    message = got[0]
-    assert message is not None
-    assert message.body == event.to_json()
-    assert message.message_id == event.id
-    assert message.type == USAGE_RECORDED
-    assert message.app_id == "proxy"
-    assert message.content_type == "application/json"
-    assert message.delivery_mode == DeliveryMode.PERSISTENT
-    assert message.routing_key == USAGE_RECORDED
-    assert message.timestamp is not None
-    assert int(message.timestamp.timestamp()) == int(event.occurred_at.timestamp())
+    assert_contract_message(got[0], event)

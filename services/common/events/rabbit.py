@@ -640,11 +640,8 @@ class RabbitBus(EventBus):
                     PUBLISHED.labels(type=stored.type).inc()
 
         try:
-            if not self.connected:
-                raise self._not_connected()
-            assert self._pub is not None
             async with asyncio.timeout(self._timeout):
-                channel = await self._pub.get_underlay_channel()
+                channel = await self._publishing_channel()
                 if not _writes_frames(channel):
                     return False  # the one-by-one path counts them
                 count()
@@ -681,8 +678,12 @@ class RabbitBus(EventBus):
     def _timeout(self) -> float:
         return self.settings.events_publish_timeout
 
-    def _not_connected(self) -> PublishError:
-        return PublishError(f"not connected to RabbitMQ at {self.display_url()}")
+    async def _publishing_channel(self) -> Any:
+        """aiormq's channel under the publishing one; PublishError when not connected."""
+        if not self.connected:
+            raise PublishError(f"not connected to RabbitMQ at {self.display_url()}")
+        assert self._pub is not None
+        return await self._pub.get_underlay_channel()
 
     async def _send(
         self,
@@ -704,11 +705,8 @@ class RabbitBus(EventBus):
         if count:
             PUBLISHED.labels(type=label).inc()
         try:
-            if not self.connected:
-                raise self._not_connected()
-            assert self._pub is not None
             async with asyncio.timeout(self._timeout):
-                channel = await self._pub.get_underlay_channel()
+                channel = await self._publishing_channel()
                 if _writes_frames(channel):
                     [confirmation] = await _write_publishes(
                         channel, [(exchange, routing_key, properties, body)]
