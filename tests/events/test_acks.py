@@ -7,8 +7,7 @@ import asyncio
 import aiormq
 import pytest
 
-from services.common.events import USAGE_RECORDED, Event, QueueSpec, amqpwire
-from services.common.events import rabbit as rabbit_module
+from services.common.events import USAGE_RECORDED, Event, QueueSpec, amqpchannel, amqpwire
 from services.common.events.acks import plan
 
 from .conftest import BusKit, eventually, test_settings
@@ -119,8 +118,8 @@ async def test_without_the_channel_parts_acks_go_through_basic_ack(
 ) -> None:
     """A later aiormq without a name the frame writer uses: acks still go out, each
     through aiormq's ``basic_ack``, and nothing is delivered twice."""
-    monkeypatch.setattr(rabbit_module, "_AIORMQ_PARTS", (*rabbit_module._AIORMQ_PARTS, "gone"))
-    monkeypatch.setattr(rabbit_module, "_frame_writers", {})
+    monkeypatch.setattr(amqpchannel, "AIORMQ_PARTS", (*amqpchannel.AIORMQ_PARTS, "gone"))
+    monkeypatch.setattr(amqpchannel, "_frame_writers", {})
     encoded: list[int] = []
     monkeypatch.setattr(amqpwire, "ack", lambda *a, **k: encoded.append(1))
     bus = await rabbit_kit.make([QueueSpec("acks", (USAGE_RECORDED,))])

@@ -21,9 +21,9 @@ from services.common.events import (
     PublishError,
     QueueSpec,
     RabbitBus,
+    amqpchannel,
 )
 from services.common.events import bus as bus_module
-from services.common.events import rabbit as rabbit_module
 from services.common.events.bus import BatchResult
 from services.common.events.envelope import StoredEvent
 from services.common.events.metrics import CONFIRMED, PUBLISH_FAILED, PUBLISHED
@@ -83,13 +83,13 @@ async def test_a_batch_is_one_write_and_each_message_is_confirmed_and_delivered(
     assert isinstance(bus, RabbitBus)
     got = await collector(bus, "batch", ["usage.recorded"])
     writes: list[int] = []
-    real_write = rabbit_module._write_publishes
+    real_write = amqpchannel.write_publishes
 
     async def counting_write(channel: Any, messages: Any) -> Any:
         writes.append(len(messages))
         return await real_write(channel, messages)
 
-    monkeypatch.setattr(rabbit_module, "_write_publishes", counting_write)
+    monkeypatch.setattr(amqpchannel, "write_publishes", counting_write)
     batch = batch_of(40)
     published = count(PUBLISHED, type=USAGE_RECORDED)
     confirmed = count(CONFIRMED, type=USAGE_RECORDED)
@@ -153,7 +153,7 @@ async def test_a_cancelled_batch_keeps_what_was_confirmed(
     bus = await _via(rabbit_kit, amqp_proxy, "cancel")
     assert isinstance(bus, RabbitBus)
     monkeypatch.setattr(bus_module, "MAX_IN_FLIGHT", 4)
-    real_write = rabbit_module._write_publishes
+    real_write = amqpchannel.write_publishes
     writes = 0
 
     async def stall_before_the_second_write(channel: Any, messages: Any) -> Any:
@@ -163,7 +163,7 @@ async def test_a_cancelled_batch_keeps_what_was_confirmed(
             amqp_proxy.hold_replies()
         return await real_write(channel, messages)
 
-    monkeypatch.setattr(rabbit_module, "_write_publishes", stall_before_the_second_write)
+    monkeypatch.setattr(amqpchannel, "write_publishes", stall_before_the_second_write)
     channel = await _channel(bus)
     result = BatchResult()
     task = asyncio.create_task(bus.publish_stored_batch(batch_of(8), result))
@@ -176,7 +176,7 @@ async def test_a_cancelled_batch_keeps_what_was_confirmed(
         assert not result.failed  # cancelled is not failed: those rows simply stay pending
     finally:
         amqp_proxy.release_replies()
-    monkeypatch.setattr(rabbit_module, "_write_publishes", real_write)
+    monkeypatch.setattr(amqpchannel, "write_publishes", real_write)
     await _in_step(bus)
 
 
@@ -231,13 +231,13 @@ async def test_without_the_channel_parts_a_batch_goes_one_by_one(
 ) -> None:
     """A later aiormq without one of the names the writer uses: basic_publish, same result,
     each event counted once."""
-    monkeypatch.setattr(rabbit_module, "_AIORMQ_PARTS", (*rabbit_module._AIORMQ_PARTS, "gone"))
-    monkeypatch.setattr(rabbit_module, "_frame_writers", {})
+    monkeypatch.setattr(amqpchannel, "AIORMQ_PARTS", (*amqpchannel.AIORMQ_PARTS, "gone"))
+    monkeypatch.setattr(amqpchannel, "_frame_writers", {})
 
     async def no_frames(*_: Any) -> Any:
         raise AssertionError("the frame writer was used")
 
-    monkeypatch.setattr(rabbit_module, "_write_publishes", no_frames)
+    monkeypatch.setattr(amqpchannel, "write_publishes", no_frames)
     bus = await rabbit_kit.make([QueueSpec("fallback", ("usage.recorded",))])
     assert isinstance(bus, RabbitBus)
     got = await collector(bus, "fallback", ["usage.recorded"])

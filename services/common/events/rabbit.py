@@ -23,7 +23,7 @@
   a relay's batch is written as one frame sequence (:mod:`.amqpwire`, confirms awaited
   together), coalesced acks are written from the flush callback, and deliveries and
   confirms are read by :mod:`.framereader`. Each falls back to aiormq's own path when
-  aiormq lacks a part it uses (see ``_AIORMQ_PARTS`` and ``framereader.install``).
+  aiormq lacks a part it uses (see :mod:`.amqpchannel` and ``framereader.install``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -51,10 +50,10 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
 from aio_pika.exceptions import PublishError as ReturnedError
-from aiormq.abc import ChannelFrame, DeliveredMessage
+from aiormq.abc import DeliveredMessage
 from yarl import URL
 
-from . import amqpwire, framereader, quiet
+from . import amqpchannel, framereader, quiet
 from . import bus as bus_module
 from .acks import ChannelAcks
 from .bus import (
@@ -188,90 +187,6 @@ def _publish_failure(
     if isinstance(exc, ConfirmLost):
         return "connection", PublishError("the channel closed before RabbitMQ confirmed")
     return "connection", PublishError(f"RabbitMQ connection trouble: {exc!r}")
-
-
-#: what the frame writer uses of aiormq's channel: its lock, its delivery-tag counter,
-#: its confirmation and message-id maps, its write queue (aiormq 7's own names for what
-#: ``basic_publish`` does; a later aiormq without one of them gets ``basic_publish``)
-_AIORMQ_PARTS = (
-    "delivery_tag",
-    "confirmations",
-    "message_id_delivery_tag",
-    "write_queue",
-    "number",
-    "create_future",
-    "max_content_size",
-    "publisher_confirms",
-    "is_closed",
-)
-_frame_writers: dict[type, bool] = {}
-
-
-def _takes_frames(channel: Any) -> bool:
-    """Whether ``channel`` (aiormq's) has what writing our own frames to it needs."""
-    kind = type(channel)
-    known = _frame_writers.get(kind)
-    if known is None:
-        known = _frame_writers[kind] = isinstance(getattr(kind, "lock", None), property) and all(
-            hasattr(channel, name) for name in _AIORMQ_PARTS
-        )
-    return known
-
-
-def _writes_frames(channel: Any) -> bool:
-    """Whether ``channel`` can take :func:`_write_publishes` (a confirming channel)."""
-    return _takes_frames(channel) and channel.publisher_confirms
-
-
-async def _write_publishes(
-    channel: Any, messages: Sequence[tuple[str, str, Properties, bytes]]
-) -> list[asyncio.Future[Any]]:
-    """Write ``(exchange, routing key, properties, body)`` publishes, mandatory, as one
-    frame sequence; their confirmation futures, in order.
-
-    What aiormq's ``basic_publish`` does for one message, for several at once: under the
-    channel's lock, the frames (encoded by :mod:`.amqpwire`) go to the connection's
-    write queue, then each message takes the next delivery tag and registers its
-    confirmation (and its message id, which a ``basic.return`` names). Nothing awaits
-    between the enqueue and the registration, so no answer of the broker can be read
-    before it; and a write cancelled while it waits (for the lock, or for room in the
-    queue) has taken no tag and registered nothing.
-    """
-    payload = []
-    for exchange, routing_key, properties, body in messages:
-        if not properties.message_id:
-            properties.message_id = uuid.uuid4().hex  # a return names the message by it
-        payload.append(
-            amqpwire.publish(
-                channel.number,
-                exchange,
-                routing_key,
-                properties,
-                body,
-                mandatory=True,
-                max_body_frame=channel.max_content_size,
-            )
-        )
-    futures: list[asyncio.Future[Any]] = []
-    async with channel.lock:
-        await channel.write_queue.put(ChannelFrame(payload=b"".join(payload), should_close=False))
-        for _exchange, _key, properties, _body in messages:
-            channel.delivery_tag += 1
-            tag = channel.delivery_tag
-            future = channel.create_future()
-            channel.confirmations[tag] = future
-            channel.message_id_delivery_tag[properties.message_id] = tag
-            future.add_done_callback(_forget(channel, properties.message_id, tag))
-            futures.append(future)
-    return futures
-
-
-def _forget(channel: Any, message_id: str, tag: int) -> Any:
-    def forget(_future: asyncio.Future[Any]) -> None:
-        if channel.message_id_delivery_tag.get(message_id) == tag:
-            del channel.message_id_delivery_tag[message_id]
-
-    return forget
 
 
 class RabbitBus(EventBus):
@@ -642,7 +557,7 @@ class RabbitBus(EventBus):
         try:
             async with asyncio.timeout(self._timeout):
                 channel = await self._publishing_channel()
-                if not _writes_frames(channel):
+                if not amqpchannel.writes_frames(channel):
                     return False  # the one-by-one path counts them
                 count()
                 messages = [
@@ -654,7 +569,7 @@ class RabbitBus(EventBus):
                     )
                     for s in chunk
                 ]
-                futures = await _write_publishes(channel, messages)
+                futures = await amqpchannel.write_publishes(channel, messages)
                 await asyncio.wait(futures)
         except asyncio.CancelledError:
             settle_done()  # the rows not confirmed stay pending in the outbox
@@ -707,8 +622,8 @@ class RabbitBus(EventBus):
         try:
             async with asyncio.timeout(self._timeout):
                 channel = await self._publishing_channel()
-                if _writes_frames(channel):
-                    [confirmation] = await _write_publishes(
+                if amqpchannel.writes_frames(channel):
+                    [confirmation] = await amqpchannel.write_publishes(
                         channel, [(exchange, routing_key, properties, body)]
                     )
                     await confirmation
@@ -856,18 +771,10 @@ class RabbitBus(EventBus):
         sends = acks.take()
         if not sends:
             return
-        if _takes_frames(channel):
-            # one frame write, no task: a flush is a loop callback, and aiormq's basic_ack
-            # would cost a task, pamqp's encoding and a drain wait per ack
-            if channel.is_closed:
-                return  # the broker redelivers them; the idempotent consumer absorbs that
-            payload = b"".join(
-                amqpwire.ack(channel.number, message.delivery_tag, multiple=multiple)
-                for message, multiple in sends
-            )
-            with contextlib.suppress(asyncio.QueueFull):  # the writer is behind: wait below
-                channel.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
-                return
+        if amqpchannel.write_acks(
+            channel, [(message.delivery_tag, multiple) for message, multiple in sends]
+        ):
+            return
         task = asyncio.create_task(self._send_acks(channel, sends), name="amqp-acks")
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
