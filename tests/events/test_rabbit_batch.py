@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import aio_pika
+import aiormq.connection
 import pytest
 
 from services.common.events import (
@@ -22,6 +23,7 @@ from services.common.events import (
     QueueSpec,
     RabbitBus,
     amqpchannel,
+    framereader,
 )
 from services.common.events import bus as bus_module
 from services.common.events.bus import BatchResult
@@ -271,3 +273,15 @@ async def test_the_written_message_carries_the_contract_properties(rabbit_kit: B
     finally:
         await connection.close()
     assert_contract_message(got[0], event)
+
+
+async def test_a_started_bus_reads_frames_with_the_frame_reader(
+    rabbit_kit: BusKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating a RabbitBus installs the reader into aiormq; its connection works on it."""
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", framereader._Original)
+    bus = await rabbit_kit.make([QueueSpec("read", ("usage.recorded",))])
+    assert aiormq.connection.FrameReceiver is framereader.FrameReader
+    got = await collector(bus, "read", ["usage.recorded"])
+    await bus.publish(Event.new(USAGE_RECORDED, "proxy", {"n": 1}))
+    await eventually(lambda: len(got) == 1, what="a delivery read by the frame reader")
