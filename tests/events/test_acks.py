@@ -143,3 +143,25 @@ async def test_without_the_channel_parts_acks_go_through_basic_ack(
     bus = await rabbit_kit.reopen(bus, [("acks", [USAGE_RECORDED], record)])
     await asyncio.sleep(0.8)
     assert again == []
+
+
+async def test_no_ack_frame_goes_to_a_closing_or_closed_channel(
+    rabbit_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a channel is closing (its Close-Ok may be out), a frame on its number would be
+    a connection error: the acks are dropped, as aiormq's basic_ack drops them (the
+    broker redelivers those messages)."""
+    encoded: list[int] = []
+    encode = amqpwire.ack
+    monkeypatch.setattr(amqpwire, "ack", lambda *a, **k: encoded.append(1) or encode(*a, **k))
+    connection = await aiormq.connect(rabbit_url)
+    try:
+        closing = await connection.channel()
+        closing._Channel__close_event.set()  # the state between Close and its Close-Ok
+        assert amqpchannel.write_acks(closing, [(1, False)]) is True
+        closed = await connection.channel()
+        await closed.close()
+        assert amqpchannel.write_acks(closed, [(1, True)]) is True
+        assert encoded == []  # (an open channel's acks are encoded: the tests above)
+    finally:
+        await connection.close()

@@ -54,7 +54,7 @@ def takes_frames(channel: Any) -> bool:
 
 
 def writes_frames(channel: Any) -> bool:
-    """Whether ``channel`` can take :func:`_write_publishes` (a confirming channel)."""
+    """Whether ``channel`` can take :func:`write_publishes` (a confirming channel)."""
     return takes_frames(channel) and channel.publisher_confirms
 
 
@@ -115,9 +115,13 @@ def write_acks(channel: Any, acks: Sequence[tuple[int, bool]]) -> bool:
     instead (a channel without the parts, or a write queue that is full). A closed
     channel's acks are dropped: the broker redelivers those messages, and the
     idempotent consumers absorb that."""
-    if not takes_frames(channel):
+    # aiormq's basic_ack refuses a channel that is closing as well as a closed one: once
+    # a Channel.CloseOk went out, a frame on that channel number would be a connection
+    # error; the event it keeps for that is private, so without it basic_ack decides
+    closing = getattr(channel, "_Channel__close_event", None)
+    if not takes_frames(channel) or closing is None:
         return False
-    if channel.is_closed:
+    if channel.is_closed or closing.is_set():
         return True
     payload = b"".join(
         amqpwire.ack(channel.number, tag, multiple=multiple) for tag, multiple in acks
