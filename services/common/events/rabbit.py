@@ -645,6 +645,8 @@ class RabbitBus(EventBus):
             reason, error = _publish_failure(exc, exchange, routing_key, self._timeout)
             if count:
                 PUBLISH_FAILED.labels(type=label, reason=reason).inc()
+            if error is exc:
+                raise  # not connected: already ours
             raise error from exc
         if count:
             CONFIRMED.labels(type=label).inc()
