@@ -21,9 +21,8 @@ from pamqp.body import ContentBody
 from pamqp.decode import field_table, timestamp
 from pamqp.header import ContentHeader
 
-_METHOD, _HEADER, _BODY = 1, 2, 3
-FRAME_HEAD = struct.Struct(">BHI")
-FRAME_END = 0xCE
+from .amqpwire import BODY, FRAME_END, FRAME_HEAD, HEADER, METHOD, PROPERTIES
+
 _U32 = struct.Struct(">I")
 _Q = struct.Struct(">q")
 _DELIVER = commands.Basic.Deliver.index
@@ -56,23 +55,9 @@ def _timestamp(data: bytes, at: int) -> tuple[Any, int]:
     return value, at + used
 
 
-#: the Basic properties in wire order: (attribute, flag bit, decoder)
-_PROPERTIES = (
-    ("content_type", 1 << 15, _shortstr),
-    ("content_encoding", 1 << 14, _shortstr),
-    ("headers", 1 << 13, _table),
-    ("delivery_mode", 1 << 12, _octet),
-    ("priority", 1 << 11, _octet),
-    ("correlation_id", 1 << 10, _shortstr),
-    ("reply_to", 1 << 9, _shortstr),
-    ("expiration", 1 << 8, _shortstr),
-    ("message_id", 1 << 7, _shortstr),
-    ("timestamp", 1 << 6, _timestamp),
-    ("message_type", 1 << 5, _shortstr),
-    ("user_id", 1 << 4, _shortstr),
-    ("app_id", 1 << 3, _shortstr),
-    ("cluster_id", 1 << 2, _shortstr),
-)
+_DECODERS = {"shortstr": _shortstr, "table": _table, "octet": _octet, "timestamp": _timestamp}
+#: :data:`.amqpwire.PROPERTIES` with each type's decoder
+_PROPERTY_DECODERS = tuple((name, bit, _DECODERS[kind]) for name, bit, kind in PROPERTIES)
 
 
 def _deliver(payload: bytes) -> Any:
@@ -100,7 +85,7 @@ def _content_header(payload: bytes) -> Any:
     header.class_id = class_id
     props = header.properties
     at = 14
-    for name, bit, read in _PROPERTIES:
+    for name, bit, read in _PROPERTY_DECODERS:
         if flags & bit:
             value, at = read(payload, at)
             setattr(props, name, value)
@@ -113,16 +98,16 @@ def decode(kind: int, payload: bytes) -> Any:
 
     Raises ``ValueError`` or ``struct.error`` on a malformed payload, as pamqp does
     (before it wraps them)."""
-    if kind == _BODY:
+    if kind == BODY:
         return ContentBody(payload)
-    if kind == _METHOD:
+    if kind == METHOD:
         index = _U32.unpack_from(payload, 0)[0]
         if index == _DELIVER:
             return _deliver(payload)
         if index == _ACK:
             return _ack(payload)
         return None
-    if kind == _HEADER:
+    if kind == HEADER:
         return _content_header(payload)
     return None
 

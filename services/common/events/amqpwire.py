@@ -20,9 +20,11 @@ from typing import Any
 
 from pamqp.encode import field_table
 
-_METHOD, _HEADER, _BODY = 1, 2, 3
-_FRAME_END = b"\xce"
-_FRAME_HEAD = struct.Struct(">BHI")
+#: frame types, the frame head (type, channel, payload size) and the frame-end byte
+METHOD, HEADER, BODY = 1, 2, 3
+FRAME_HEAD = struct.Struct(">BHI")
+FRAME_END = 0xCE
+_FRAME_END = bytes((FRAME_END,))
 #: class basic (60), method publish (40), reserved short (the deprecated ticket)
 _PUBLISH = struct.Struct(">HHH").pack(60, 40, 0)
 #: class basic, weight 0, body size, property flags
@@ -33,7 +35,7 @@ _TIMESTAMP = struct.Struct(">Q")
 
 
 def _frame(kind: int, channel: int, payload: bytes) -> bytes:
-    return _FRAME_HEAD.pack(kind, channel, len(payload)) + payload + _FRAME_END
+    return FRAME_HEAD.pack(kind, channel, len(payload)) + payload + _FRAME_END
 
 
 def shortstr(value: str) -> bytes:
@@ -56,23 +58,31 @@ def _timestamp(value: datetime | time.struct_time) -> bytes:
     return _TIMESTAMP.pack(calendar.timegm(value))
 
 
-#: the Basic properties in wire order: (attribute, flag bit, encoder)
-_PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes]], ...] = (
-    ("content_type", 1 << 15, shortstr),
-    ("content_encoding", 1 << 14, shortstr),
-    ("headers", 1 << 13, field_table),
-    ("delivery_mode", 1 << 12, _octet),
-    ("priority", 1 << 11, _octet),
-    ("correlation_id", 1 << 10, shortstr),
-    ("reply_to", 1 << 9, shortstr),
-    ("expiration", 1 << 8, shortstr),
-    ("message_id", 1 << 7, shortstr),
-    ("timestamp", 1 << 6, _timestamp),
-    ("message_type", 1 << 5, shortstr),
-    ("user_id", 1 << 4, shortstr),
-    ("app_id", 1 << 3, shortstr),
-    ("cluster_id", 1 << 2, shortstr),
+#: the Basic properties in wire order: (attribute, flag bit, AMQP type); the one list
+#: both this encoder and :mod:`.amqpread`'s decoder follow
+PROPERTIES: tuple[tuple[str, int, str], ...] = (
+    ("content_type", 1 << 15, "shortstr"),
+    ("content_encoding", 1 << 14, "shortstr"),
+    ("headers", 1 << 13, "table"),
+    ("delivery_mode", 1 << 12, "octet"),
+    ("priority", 1 << 11, "octet"),
+    ("correlation_id", 1 << 10, "shortstr"),
+    ("reply_to", 1 << 9, "shortstr"),
+    ("expiration", 1 << 8, "shortstr"),
+    ("message_id", 1 << 7, "shortstr"),
+    ("timestamp", 1 << 6, "timestamp"),
+    ("message_type", 1 << 5, "shortstr"),
+    ("user_id", 1 << 4, "shortstr"),
+    ("app_id", 1 << 3, "shortstr"),
+    ("cluster_id", 1 << 2, "shortstr"),
 )
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {
+    "shortstr": shortstr,
+    "table": field_table,
+    "octet": _octet,
+    "timestamp": _timestamp,
+}
+_PROPERTY_ENCODERS = tuple((name, bit, _ENCODERS[kind]) for name, bit, kind in PROPERTIES)
 
 
 def encode_properties(properties: Any) -> tuple[int, bytes]:
@@ -80,7 +90,7 @@ def encode_properties(properties: Any) -> tuple[int, bytes]:
     property that is None or ``""`` is absent, as in pamqp."""
     flags = 0
     parts: list[bytes] = []
-    for name, bit, encode in _PROPERTIES:
+    for name, bit, encode in _PROPERTY_ENCODERS:
         value = getattr(properties, name)
         if value is not None and value != "":
             flags |= bit
@@ -106,21 +116,32 @@ def publish(
     method = _PUBLISH + shortstr(exchange) + shortstr(routing_key) + _octet(1 if mandatory else 0)
     flags, props = encode_properties(properties)
     out = [
-        _frame(_METHOD, channel, method),
-        _frame(_HEADER, channel, _CONTENT_HEADER.pack(60, 0, len(body), flags) + props),
+        _frame(METHOD, channel, method),
+        _frame(HEADER, channel, _CONTENT_HEADER.pack(60, 0, len(body), flags) + props),
     ]
     if len(body) < max_body_frame:
         if body:
-            out.append(_frame(_BODY, channel, body))
+            out.append(_frame(BODY, channel, body))
     else:
         for start in range(0, len(body), max_body_frame):
-            out.append(_frame(_BODY, channel, body[start : start + max_body_frame]))
+            out.append(_frame(BODY, channel, body[start : start + max_body_frame]))
     return b"".join(out)
 
 
 def ack(channel: int, delivery_tag: int, *, multiple: bool) -> bytes:
     """A ``basic.ack`` frame on ``channel``, ready to write."""
-    return _frame(_METHOD, channel, _ACK.pack(60, 80, delivery_tag, 1 if multiple else 0))
+    return _frame(METHOD, channel, _ACK.pack(60, 80, delivery_tag, 1 if multiple else 0))
 
 
-__all__ = ["ack", "encode_properties", "publish", "shortstr"]
+__all__ = [
+    "BODY",
+    "FRAME_END",
+    "FRAME_HEAD",
+    "HEADER",
+    "METHOD",
+    "PROPERTIES",
+    "ack",
+    "encode_properties",
+    "publish",
+    "shortstr",
+]
