@@ -54,6 +54,7 @@ from .fastsql import (
     end_asyncpg,
 )
 from .groupcommit import GroupCommit
+from .walcheckpoint import SAFETY_NET_PAGES, WalCheckpointer
 
 log = logging.getLogger("aiagg.db")
 
@@ -240,6 +241,7 @@ class Database:
         busy_timeout_ms: int = 10_000,
         engine_kwargs: dict[str, Any] | None = None,
         fast_statements: bool = True,
+        checkpoint_thread: bool = True,
     ) -> None:
         self.url = normalize_url(url)
         self.busy_timeout_ms = busy_timeout_ms
@@ -254,10 +256,15 @@ class Database:
         self.sync_engine: Engine | None = None
         self.async_engine: AsyncEngine | None = None
         self._asyncpg = False
+        #: SQLite files: WAL checkpoints (and their disk syncs) off the event loop
+        self.checkpointer: WalCheckpointer | None = None
         if self.is_sqlite:
             database = self.url.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                path = Path(database).expanduser()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if checkpoint_thread:
+                    self.checkpointer = WalCheckpointer(path.resolve())
             # never wait for a free connection: waiting would block the event loop
             kwargs.update(pool_size=8, max_overflow=-1)
             kwargs.update(engine_kwargs or {})
@@ -312,6 +319,8 @@ class Database:
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute("PRAGMA synchronous = NORMAL")
                 cursor.execute("PRAGMA foreign_keys = ON")
+                if self.checkpointer is not None:  # the thread checkpoints; this is a net
+                    cursor.execute(f"PRAGMA wal_autocheckpoint = {SAFETY_NET_PAGES}")
             finally:
                 cursor.close()
 
@@ -465,6 +474,8 @@ class Database:
                 raise
         finally:
             self._release(conn)
+        if immediate and self.checkpointer is not None:
+            self.checkpointer.committed()
         self._committed(session)
 
     @asynccontextmanager
@@ -612,6 +623,8 @@ class Database:
                 await pg_conn.close()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
+        if self.checkpointer is not None:
+            await asyncio.to_thread(self.checkpointer.close)
         if self.async_engine is not None:
             await self.async_engine.dispose()
 
