@@ -19,7 +19,8 @@ both databases, with SQLAlchemy Core statements.
   may block for long: the pool never waits (it opens another connection), readers
   never wait in WAL mode, and the only lock, the write lock, is taken with
   ``BEGIN IMMEDIATE`` under a very short busy timeout and *retried asynchronously*,
-  so a writer of another process never freezes this one's event loop.
+  so a writer of another process never freezes this one's event loop. The slow part
+  of WAL mode, a checkpoint's disk syncs, runs in a thread (:mod:`.walcheckpoint`).
 
 Write transactions go through :meth:`Database.transaction`: on SQLite they start with
 ``BEGIN IMMEDIATE`` (the write lock is taken up front, so two concurrent

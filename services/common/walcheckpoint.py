@@ -14,7 +14,10 @@ every few seconds, both cores idle in iowait.
 own (``sqlite3`` releases the GIL while SQLite works). The event loop's connections
 keep an automatic checkpoint only as a safety net, at :data:`SAFETY_NET_PAGES`, for a
 thread that has fallen far behind. A PASSIVE checkpoint never blocks writers or
-readers: they go on appending to the log while it copies.
+readers: they go on appending to the log while it copies. The price: under continuous
+writes it never finds the log fully copied, so the log does not restart from its
+beginning and the safety net still fires now and then (every few seconds in billing at
+full load), with little left to copy by then.
 
 The thread checkpoints at most once per ``interval`` and only after a commit: more
 often copies the same hot pages again and again (an earlier measurement: a checkpoint
@@ -113,14 +116,13 @@ class WalCheckpointer:
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         try:
-            busy, _log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            _busy, _log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.OperationalError as exc:  # locked by a checkpoint of another process
             log.debug("WAL checkpoint of %s skipped: %s", self.path, exc)
             return
         self.checkpoints += 1
-        if copied > 0:
+        if copied > 0:  # -1 when the database is not in WAL mode
             self.pages_copied += copied
-        del busy
 
 
 __all__ = ["DEFAULT_INTERVAL", "SAFETY_NET_PAGES", "WalCheckpointer"]
