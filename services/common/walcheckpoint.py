@@ -60,7 +60,6 @@ class WalCheckpointer:
         self.pages_copied = 0
         self._work = threading.Event()
         self._closed = threading.Event()
-        self._closing = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -72,7 +71,7 @@ class WalCheckpointer:
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is not None or self._closing:
+            if self._thread is not None or self._closed.is_set():
                 return
             self._thread = threading.Thread(
                 target=self._run, name=f"wal-checkpoint {Path(self.path).name}", daemon=True
@@ -80,11 +79,10 @@ class WalCheckpointer:
             self._thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread (it runs one last checkpoint if commits are pending)."""
+        """Stop the thread, after one last checkpoint, without waiting out the interval."""
         with self._lock:
-            self._closing = True
+            self._closed.set()
             thread = self._thread
-        self._closed.set()
         self._work.set()
         if thread is not None:
             thread.join(timeout)
@@ -97,15 +95,15 @@ class WalCheckpointer:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             while True:
                 self._work.wait()
-                if not self._closing:
-                    # let the log grow for up to ``interval`` after the last checkpoint
-                    pause = last + self.interval - time.monotonic()
-                    if pause > 0:
-                        self._closed.wait(pause)
+                # let the log grow for up to ``interval`` after the last checkpoint
+                # (close() cuts the wait short)
+                pause = last + self.interval - time.monotonic()
+                if pause > 0:
+                    self._closed.wait(pause)
                 self._work.clear()
                 self._checkpoint(conn)
                 last = time.monotonic()
-                if self._closing:
+                if self._closed.is_set():
                     return
         except Exception:  # the loop's own automatic checkpoint takes over
             log.exception("WAL checkpoint thread of %s stopped", self.path)
