@@ -28,7 +28,6 @@ see every earlier commit. Lock order is always account, then hold.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -51,6 +50,7 @@ from sqlalchemy import (
 from services.common import events
 from services.common.db import DbSession, InsertIgnore
 from services.common.errors import Conflict, InsufficientQuota, NotFound
+from services.common.ids import uuid7
 from services.common.inputs import format_time, utcnow
 from services.common.money import CURRENCY, format_micro
 
@@ -302,7 +302,7 @@ async def _add_entry(
     idempotency_key: str | None = None,
 ) -> Entry:
     values = {
-        "id": "txn_" + uuid.uuid4().hex,
+        "id": "txn_" + uuid7().hex,
         "user_id": user_id,
         "kind": kind,
         "amount_micro": amount,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -46,6 +45,7 @@ from services.common.db import Database
 from services.common.errors import NotFound
 from services.common.events import EventBus
 from services.common.identity import Identity, identify, require_admin
+from services.common.ids import uuid7
 from services.common.inputs import utcnow, validate_identifier
 from services.common.logthrottle import ThrottledLog
 from services.common.money import format_micro
@@ -206,7 +206,7 @@ class ChatFlow:
         self.identity = identity
         self.chat = chat
         self.plan = plan
-        self.request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.request_id = f"chatcmpl-{uuid7().hex}"
         self.started = utcnow()
         self.prompt_estimate = estimate_prompt_tokens(chat.messages)
         self.attempts: list[dict[str, Any]] = []

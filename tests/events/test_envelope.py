@@ -47,7 +47,7 @@ def test_event_type_names_are_the_contract() -> None:
 
 def test_new_event_and_wire_round_trip() -> None:
     event = Event.new(USAGE_RECORDED, "proxy", {"cost": "0.000125", "tokens": 42, "ok": True})
-    assert uuid.UUID(event.id).version == 4
+    assert uuid.UUID(event.id).version == 7  # time-ordered: see services/common/ids.py
     assert event.occurred_at.tzinfo is not None
     assert abs((datetime.now(UTC) - event.occurred_at).total_seconds()) < 5
     wire = json.loads(event.to_json())

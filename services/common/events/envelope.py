@@ -2,7 +2,7 @@
 
 Wire form (UTF-8 JSON)::
 
-    {"id": "<uuid4>", "type": "usage.recorded", "source": "proxy",
+    {"id": "<uuid>", "type": "usage.recorded", "source": "proxy",
      "occurred_at": "2026-01-01T12:00:00.000000Z", "data": {...}}
 
 ``data`` is plain JSON: money goes as strings (``"0.001250"``) or integer micro-units,
@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from ..ids import uuid7
 
 USAGE_RECORDED = "usage.recorded"
 TRANSACTION_CREATED = "transaction.created"
@@ -91,12 +93,13 @@ class Event:
         id: str | None = None,
         occurred_at: datetime | None = None,
     ) -> Event:
-        """A fresh event: a new uuid4, now (UTC), and a JSON-checked copy of ``data``."""
+        """A fresh event: a new time-ordered UUID (:mod:`..ids`), now (UTC), and a JSON-checked
+        copy of ``data``."""
         _check_type(type)
         if not source:
             raise ValueError("an event needs a source (the publishing service's name)")
         return cls(
-            id=id or str(uuid.uuid4()),
+            id=id or str(uuid7()),
             type=type,
             source=source,
             occurred_at=(occurred_at or datetime.now(UTC)).astimezone(UTC),
