@@ -1,4 +1,4 @@
-"""SQLite WAL checkpoints in a thread of their own, never in the event loop.
+"""SQLite WAL checkpoints in a thread of their own, not in the event loop's COMMITs.
 
 In WAL mode SQLite copies the log back into the database file ("checkpoints") from
 inside a COMMIT once the log holds 1,000 pages. With ``synchronous = NORMAL`` that is
@@ -49,12 +49,9 @@ class WalCheckpointer:
     :meth:`close` to stop the thread, after a last checkpoint.
     """
 
-    def __init__(
-        self, path: str | Path, *, interval: float = DEFAULT_INTERVAL, busy_timeout_ms: int = 1000
-    ) -> None:
+    def __init__(self, path: str | Path, *, interval: float = DEFAULT_INTERVAL) -> None:
         self.path = str(path)
         self.interval = interval
-        self.busy_timeout_ms = busy_timeout_ms
         #: checkpoints run, and pages copied by them (for tests and curiosity)
         self.checkpoints = 0
         self.pages_copied = 0
@@ -91,8 +88,8 @@ class WalCheckpointer:
         conn: sqlite3.Connection | None = None
         last = float("-inf")  # the first checkpoint comes at once
         try:
+            # a PASSIVE checkpoint never waits for a lock, so no busy timeout is needed
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             while True:
                 self._work.wait()
                 # let the log grow for up to ``interval`` after the last checkpoint

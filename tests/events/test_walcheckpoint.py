@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,8 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, insert, text
 
 from services.common.db import Database
 from services.common.walcheckpoint import SAFETY_NET_PAGES, WalCheckpointer
-from tests.support import eventually
+
+from .conftest import eventually
 
 blobs = Table(
     "blobs",
@@ -34,10 +34,6 @@ async def _write_pages(db: Database, pages: int, first: int = 0) -> None:
             )
 
 
-async def _wait_for(predicate: Callable[[], bool]) -> None:
-    await eventually(predicate, within=10.0)
-
-
 async def test_commits_in_the_loop_leave_checkpoints_to_the_thread(tmp_path: Path) -> None:
     """Past SQLite's 1,000-page default the loop's COMMITs do not checkpoint: the log
     grows until the thread's turn. Closing does not wait for that turn: the thread
@@ -52,7 +48,7 @@ async def test_commits_in_the_loop_leave_checkpoints_to_the_thread(tmp_path: Pat
             auto = (await session.execute(text("PRAGMA wal_autocheckpoint"))).scalar()
             assert auto == SAFETY_NET_PAGES
         await _write_pages(db, 1)
-        await _wait_for(lambda: db.checkpointer.checkpoints == 1)
+        await eventually(lambda: db.checkpointer.checkpoints == 1)
         await _write_pages(db, 2500, first=1000)
         # SQLite's own checkpoint at 1,000 pages would have restarted the log by now
         assert (path.parent / "x.db-wal").stat().st_size > 2000 * 4096
@@ -85,7 +81,7 @@ async def test_a_failing_thread_says_so_and_the_loop_keeps_its_safety_net(
     checkpointer = WalCheckpointer(tmp_path / "missing" / "dir" / "x.db")
     with caplog.at_level(logging.ERROR, logger="aiagg.db"):
         checkpointer.committed()
-        await _wait_for(lambda: "WAL checkpoint thread" in caplog.text)
+        await eventually(lambda: "WAL checkpoint thread" in caplog.text)
     checkpointer.close()
     assert checkpointer.checkpoints == 0
     checkpointer.committed()  # after close: nothing starts again
