@@ -57,7 +57,7 @@ from services.providers.pricing import (
     estimate_tokens,
     reserve_micro,
 )
-from services.providers.sse import DONE, SSEError, encode_done, encode_event, iter_sse_data
+from services.providers.sse import DONE, SSEError, encode_done, encode_event, iter_sse_batches
 
 from . import store
 from .events import record_decision
@@ -482,31 +482,43 @@ class ChatFlow:
                 await response.prepare(self.request)
             except (OSError, aiohttp.ClientError, RuntimeError) as exc:
                 raise _ClientGone(str(exc)) from None
-            async for data in iter_sse_data(upstream.content.iter_any()):
-                if data.strip() == DONE:
-                    terminal = "done"
+            # the events of one read go on in one write (the proxy sends bursts at once);
+            # the last ones go with [DONE] and the end of the body
+            events: list[bytes] = []
+            async for datas in iter_sse_batches(upstream.content.iter_any()):
+                events = []
+                for data in datas:
+                    if data.strip() == DONE:
+                        terminal = "done"
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        broken = "the proxy sent a chunk that is not JSON"
+                        break
+                    if not isinstance(chunk, dict):
+                        broken = "the proxy sent a chunk that is not an object"
+                        break
+                    if chunk.get("error"):
+                        terminal = "error"
+                        error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+                        self._fail("provider_error",
+                                   str(error.get("code") or "stream_interrupted"),
+                                   str(error.get("message") or "the provider failed mid-stream"))
+                        events.append(encode_event(chunk))
+                        break
+                    if not chunk.get("choices"):
+                        if self.chat.include_usage:
+                            events.append(encode_event(chunk))
+                        continue
+                    delivered.observe(chunk)
+                    events.append(encode_event(chunk))
+                if terminal == "done":
                     break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    broken = "the proxy sent a chunk that is not JSON"
+                if events:
+                    await _write(response, b"".join(events))
+                if terminal or broken:
                     break
-                if not isinstance(chunk, dict):
-                    broken = "the proxy sent a chunk that is not an object"
-                    break
-                if chunk.get("error"):
-                    terminal = "error"
-                    error = chunk["error"] if isinstance(chunk["error"], dict) else {}
-                    self._fail("provider_error", str(error.get("code") or "stream_interrupted"),
-                               str(error.get("message") or "the provider failed mid-stream"))
-                    await _write(response, encode_event(chunk))
-                    break
-                if not chunk.get("choices"):
-                    if self.chat.include_usage:
-                        await _write(response, encode_event(chunk))
-                    continue
-                delivered.observe(chunk)
-                await _write(response, encode_event(chunk))
         except _ClientGone:
             permit.release()
             self._attempt(route, "served", started, note="client_disconnected")
@@ -520,9 +532,8 @@ class ChatFlow:
             self._attempt(route, "served", started)
             self.outcome = "completed"
             try:
-                await _write(response, encode_done())
-                await response.write_eof()
-            except (_ClientGone, OSError, aiohttp.ClientError):
+                await response.write_eof(b"".join(events) + encode_done())
+            except (OSError, aiohttp.ClientError, RuntimeError):
                 pass
             return response
         permit.failure()

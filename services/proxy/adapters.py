@@ -30,7 +30,7 @@ import aiohttp
 
 from services.providers.config import MockSpec, ModelRoute, ProviderSpec
 from services.providers.pricing import estimate_prompt_tokens
-from services.providers.sse import DONE, SSEError, iter_sse_data
+from services.providers.sse import DONE, SSEError, iter_sse_batches
 
 __all__ = ["Adapter", "MockAdapter", "OpenAIAdapter", "ProviderError", "build_adapter"]
 
@@ -74,6 +74,14 @@ class Adapter(ABC):
     ) -> AsyncIterator[dict[str, Any]]:
         """``chat.completion.chunk`` objects, the usage chunk (empty ``choices``) last
         when the provider sends one; raises :class:`ProviderError` on failure."""
+
+    async def stream_batches(
+        self, route: ModelRoute, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The chunks of :meth:`stream`, grouped as they arrived (non-empty lists), so a
+        caller can pass a burst on in one write. By default one chunk per list."""
+        async for chunk in self.stream(route, body, request_id):
+            yield [chunk]
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -317,6 +325,15 @@ class OpenAIAdapter(Adapter):
     async def stream(
         self, route: ModelRoute, body: dict[str, Any], request_id: str
     ) -> AsyncIterator[dict[str, Any]]:
+        async for batch in self.stream_batches(route, body, request_id):
+            for chunk in batch:
+                yield chunk
+
+    async def stream_batches(
+        self, route: ModelRoute, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """One list per read from the provider; a bad chunk ends the stream with a
+        :class:`ProviderError` after the good chunks read before it."""
         payload = {
             **body,
             "model": route.upstream_model,
@@ -336,28 +353,24 @@ class OpenAIAdapter(Adapter):
                         f"provider {self.name!r} answered {kind or 'no content type'} "
                         "instead of an event stream"
                     )
-                async for data in iter_sse_data(response.content.iter_any()):
-                    if data.strip() == DONE:
-                        return
+                async for datas in iter_sse_batches(response.content.iter_any()):
+                    batch: list[dict[str, Any]] = []
                     try:
-                        chunk = json.loads(data)
-                    except ValueError:
-                        raise ProviderError(
-                            f"provider {self.name!r} sent a chunk that is not JSON"
-                        ) from None
-                    if not isinstance(chunk, dict):
-                        raise ProviderError(f"provider {self.name!r} sent a non-object chunk")
-                    if chunk.get("error"):
-                        error = chunk["error"]
-                        text = error.get("message") if isinstance(error, dict) else str(error)
-                        raise ProviderError(
-                            f"provider {self.name!r} reported an error mid-stream: {text}"[:500],
-                            code="stream_interrupted",
-                        )
-                    for choice in chunk.get("choices") or ():
-                        if isinstance(choice, dict) and choice.get("finish_reason"):
-                            finished = True
-                    yield chunk
+                        for data in datas:
+                            if data.strip() == DONE:
+                                if batch:
+                                    yield batch
+                                return
+                            chunk = self._chunk(data)
+                            for choice in chunk.get("choices") or ():
+                                if isinstance(choice, dict) and choice.get("finish_reason"):
+                                    finished = True
+                            batch.append(chunk)
+                    except ProviderError:
+                        if batch:
+                            yield batch
+                        raise
+                    yield batch
         except ProviderError:
             raise
         except SSEError as exc:
@@ -369,6 +382,23 @@ class OpenAIAdapter(Adapter):
                 f"provider {self.name!r} ended the stream before finishing the answer",
                 code="stream_interrupted",
             )
+
+    def _chunk(self, data: str) -> dict[str, Any]:
+        """One event's chunk, checked; a provider's mid-stream error is raised."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise ProviderError(f"provider {self.name!r} sent a chunk that is not JSON") from None
+        if not isinstance(chunk, dict):
+            raise ProviderError(f"provider {self.name!r} sent a non-object chunk")
+        if chunk.get("error"):
+            error = chunk["error"]
+            text = error.get("message") if isinstance(error, dict) else str(error)
+            raise ProviderError(
+                f"provider {self.name!r} reported an error mid-stream: {text}"[:500],
+                code="stream_interrupted",
+            )
+        return chunk
 
     async def close(self) -> None:
         if self._session is not None:

@@ -272,17 +272,20 @@ async def _complete(request: web.Request, call: Call) -> web.StreamResponse:
     return json_response(answer, headers={"X-Aiagg-Provider": route.provider})
 
 
-async def _next(chunks: AsyncIterator[dict[str, Any]], wait: float) -> dict[str, Any] | None:
+async def _next(batches: AsyncIterator[list[dict[str, Any]]], wait: float
+                ) -> list[dict[str, Any]] | None:
     try:
         async with asyncio.timeout(wait):
-            return await anext(chunks)
+            return await anext(batches)
     except StopAsyncIteration:
         return None
 
 
 async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     route = call.route
-    chunks = call.adapter.stream(route, call.body, call.request_id)
+    # a burst the provider sent at once goes on in one write: one wake-up and one read
+    # for the orchestrator instead of one per chunk
+    chunks = call.adapter.stream_batches(route, call.body, call.request_id)
     timeout_error = ProviderError(
         f"provider {route.provider!r} sent nothing for {route.timeout:g}s",
         code="provider_timeout",
@@ -318,17 +321,21 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     usage_seen: Any = None
     try:
         await response.prepare(request)
-        chunk: dict[str, Any] | None = first
-        while chunk is not None:
-            if chunk.get("usage"):
-                usage_seen = chunk["usage"]
-            if chunk.get("choices"):
-                delivered.observe(chunk)
-                out = {**chunk, "id": call.request_id, "model": route.model}
-                out.pop("usage", None)
-                await response.write(encode_event(out))
-                sent += 1
-            chunk = await _next(chunks, route.timeout)
+        batch: list[dict[str, Any]] | None = first
+        while batch is not None:
+            events: list[bytes] = []
+            for chunk in batch:
+                if chunk.get("usage"):
+                    usage_seen = chunk["usage"]
+                if chunk.get("choices"):
+                    delivered.observe(chunk)
+                    out = {**chunk, "id": call.request_id, "model": route.model}
+                    out.pop("usage", None)
+                    events.append(encode_event(out))
+            if events:
+                await response.write(b"".join(events))
+                sent += len(events)
+            batch = await _next(chunks, route.timeout)
     except (ProviderError, TimeoutError) as exc:
         outcome = store.CUT
         error = exc.message if isinstance(exc, ProviderError) else timeout_error.message
@@ -370,13 +377,14 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         "model": route.model,
         "provider": route.provider,
     }
+    if outcome == store.COMPLETED:
+        tail = encode_event({**base, "choices": [], "usage": usage}) + encode_done()
+    elif outcome == store.CUT:
+        tail = encode_event(stream_error_chunk(base, error or "", usage))
+    else:
+        tail = b""
     with contextlib.suppress(ConnectionError, OSError):
-        if outcome == store.COMPLETED:
-            await response.write(encode_event({**base, "choices": [], "usage": usage}))
-            await response.write(encode_done())
-        elif outcome == store.CUT:
-            await response.write(encode_event(stream_error_chunk(base, error or "", usage)))
-        await response.write_eof()
+        await response.write_eof(tail)  # one write: the last events and the body's end
     return response
 
 

@@ -4,15 +4,17 @@ provider's usage is used when it gives one and estimated (and marked) when not."
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
+import aiohttp
 import openai
 import pytest
 
 from services.common.money import format_micro
 from services.providers.pricing import cost_micro, estimate_prompt_tokens, estimate_tokens
 
-from .conftest import FAKE_KEY, FAKE_KEY_ENV, micro
+from .conftest import ADMIN, FAKE_KEY, FAKE_KEY_ENV, micro
 
 PRICES = (Decimal("0.15"), Decimal("0.60"))
 MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -81,6 +83,58 @@ async def test_usage_is_estimated_and_marked_when_the_provider_reports_none(star
 
     events = await p.events("usage.recorded", user)
     assert {e["data"]["charge_rule"] for e in events} == {"estimated"}
+
+
+async def _http_chunks(response: aiohttp.ClientResponse) -> list[bytes]:
+    """The body as the HTTP chunks it came in (one per write of the sender)."""
+    chunks, part = [], b""
+    async for data, end in response.content.iter_chunks():
+        part += data
+        if end and part:
+            chunks.append(part)
+            part = b""
+    if part:
+        chunks.append(part)
+    return chunks
+
+
+def _events(chunks: list[bytes]) -> list[str]:
+    return [e[len("data: "):] for e in b"".join(chunks).decode().split("\n\n") if e]
+
+
+async def test_a_burst_from_the_provider_goes_on_in_one_write_at_each_hop(start_platform):
+    """The fake provider writes its whole answer at once. The proxy and the orchestrator
+    each pass what one read brought on in one write (one HTTP chunk: one wake-up and one
+    read for the next hop, not one per event), and the last events go with [DONE] and
+    the end of the body."""
+    p = await start_platform("inprocess")
+    user, _ = await p.new_user("1.00")
+    body = {"model": "fake-gpt", "messages": MESSAGES, "stream": True}
+    envelope = {"request_id": "chatcmpl-burst-1", "user_id": user, "key_id": "k1",
+                "provider": "local-openai", "model": "fake-gpt", "attempt": 1,
+                "request": body}
+    async with p.http.post(p.service_url("proxy") + "/internal/proxy/chat/completions",
+                           json=envelope, headers=ADMIN) as resp:
+        assert resp.status == 200
+        chunks = await _http_chunks(resp)
+    # role + six words + stop in one write; after metering, usage and [DONE] in another
+    assert [c.count(b"data: ") for c in chunks] == [8, 2]
+    events = _events(chunks)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 12
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
+                   for e in events[:8]) == TEXT
+
+    identity = {"X-User-Id": user, "X-Key-Id": "k1"}  # what the gateway sets
+    async with p.http.post(p.service_url("orchestrator") + "/v1/chat/completions",
+                           json=body, headers=identity) as resp:
+        assert resp.status == 200
+        chunks = await _http_chunks(resp)
+    # at most one write per read from the proxy: the proxy wrote twice
+    assert len(chunks) <= 2 and chunks[-1].endswith(b"data: [DONE]\n\n")
+    events = _events(chunks)
+    assert len(events) == 9  # no usage chunk: the client did not ask for one
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
+                   for e in events[:8]) == TEXT
 
 
 async def test_provider_failures_before_and_after_the_first_byte(start_platform):

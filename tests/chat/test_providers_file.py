@@ -3,11 +3,14 @@ the mock provider: pure code, tested exhaustively without servers."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import textwrap
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from gateway.breaker import BreakerState
 from gateway.clock import ManualClock
@@ -21,8 +24,8 @@ from services.providers import (
     parse_catalog,
     reserve_micro,
 )
-from services.providers.sse import SSEError, iter_sse_data
-from services.proxy.adapters import MockAdapter, ProviderError, mock_tokens
+from services.providers.sse import SSEError, iter_sse_batches, iter_sse_data
+from services.proxy.adapters import MockAdapter, OpenAIAdapter, ProviderError, mock_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -266,6 +269,85 @@ async def test_an_oversized_event_is_an_error():
         await _decode([b"data: " + b"x" * 100 + b"\n\n"], max_event=50)
     with pytest.raises(SSEError):
         await _decode([b"data: " + b"x" * 100], max_event=50)
+
+
+async def _batches(pieces: list[bytes], **kwargs) -> list[list[str]]:
+    async def chunks():
+        for piece in pieces:
+            yield piece
+
+    return [batch async for batch in iter_sse_batches(chunks(), **kwargs)]
+
+
+async def test_sse_batches_group_the_events_each_read_completed():
+    reads = [b"data: a\n\ndata: b\n\ndata: c", b"\n", b"\n", b": ping\n\n", b"data: d\n\n"]
+    assert await _batches(reads) == [["a", "b"], ["c"], ["d"]]  # no empty batches
+
+    # an error comes after the events read before it, in the same read
+    got: list[list[str]] = []
+    with pytest.raises(SSEError):
+        async for batch in iter_sse_batches(_pieces([b"data: ok\n\ndata: " + b"x" * 100]),
+                                            max_event=50):
+            got.append(batch)
+    assert got == [["ok"]]
+
+
+async def _pieces(pieces: list[bytes]):
+    for piece in pieces:
+        yield piece
+
+
+async def test_the_openai_adapter_passes_a_burst_on_as_one_batch_good_chunks_before_an_error(
+    aiohttp_server,
+):
+    """One write from the provider is one batch; a bad chunk in a burst still lets the
+    chunks before it through, then fails the stream."""
+    def event(content: str) -> bytes:
+        chunk = {"choices": [{"index": 0, "delta": {"content": content}}]}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if (await request.json())["model"] == "bad":
+            await response.write(event("one") + event("two") + b"data: {not json\n\n")
+        else:
+            await response.write(event("one") + event("two"))
+            await asyncio.sleep(0.05)  # a second read
+            done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            await response.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    server = await aiohttp_server(app)
+    catalog = parse_catalog(textwrap.dedent(f"""
+        providers:
+          up:
+            kind: openai
+            base_url: http://127.0.0.1:{server.port}/v1
+            models:
+              good: {{input_price: "1", output_price: "1", upstream: good}}
+              bad: {{input_price: "1", output_price: "1", upstream: bad}}
+    """))
+    adapter = OpenAIAdapter("up", catalog.providers["up"], timeout=5)
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        batches = [b async for b in adapter.stream_batches(catalog.route("up", "good"), body,
+                                                           "r1")]
+        assert [len(b) for b in batches] == [2, 1]
+        assert batches[1][0]["choices"][0]["finish_reason"] == "stop"
+        got = []
+        with pytest.raises(ProviderError, match="not JSON"):
+            async for batch in adapter.stream_batches(catalog.route("up", "bad"), body, "r2"):
+                got.append(batch)
+        assert [[c["choices"][0]["delta"]["content"] for c in b] for b in got] == [["one",
+                                                                                     "two"]]
+        # the chunk-by-chunk view is the same stream
+        flat = [c async for c in adapter.stream(catalog.route("up", "good"), body, "r3")]
+        assert [c for b in batches for c in b] == flat
+    finally:
+        await adapter.close()
 
 
 # -- choosing providers --------------------------------------------------------------------
