@@ -324,16 +324,19 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         batch: list[dict[str, Any]] | None = first
         while batch is not None:
             events: list[bytes] = []
+            passed: list[dict[str, Any]] = []
             for chunk in batch:
                 if chunk.get("usage"):
                     usage_seen = chunk["usage"]
                 if chunk.get("choices"):
-                    delivered.observe(chunk)
+                    passed.append(chunk)
                     out = {**chunk, "id": call.request_id, "model": route.model}
                     out.pop("usage", None)
                     events.append(encode_event(out))
             if events:
                 await response.write(b"".join(events))
+                for chunk in passed:  # counted once handed to the socket: what was sent
+                    delivered.observe(chunk)
                 sent += len(events)
             batch = await _next(chunks, route.timeout)
     except (ProviderError, TimeoutError) as exc:
