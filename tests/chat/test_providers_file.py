@@ -246,12 +246,13 @@ def test_the_estimator_is_one_token_per_four_characters_rounded_up():
 # -- server-sent events ----------------------------------------------------------------------
 
 
-async def _decode(pieces: list[bytes], **kwargs) -> list[str]:
-    async def chunks():
-        for piece in pieces:
-            yield piece
+async def _pieces(pieces: list[bytes]):
+    for piece in pieces:
+        yield piece
 
-    return [data async for data in iter_sse_data(chunks(), **kwargs)]
+
+async def _decode(pieces: list[bytes], **kwargs) -> list[str]:
+    return [data async for data in iter_sse_data(_pieces(pieces), **kwargs)]
 
 
 async def test_sse_events_are_decoded_whatever_the_chunking():
@@ -272,11 +273,7 @@ async def test_an_oversized_event_is_an_error():
 
 
 async def _batches(pieces: list[bytes], **kwargs) -> list[list[str]]:
-    async def chunks():
-        for piece in pieces:
-            yield piece
-
-    return [batch async for batch in iter_sse_batches(chunks(), **kwargs)]
+    return [batch async for batch in iter_sse_batches(_pieces(pieces), **kwargs)]
 
 
 async def test_sse_batches_group_the_events_each_read_completed():
@@ -290,11 +287,6 @@ async def test_sse_batches_group_the_events_each_read_completed():
                                             max_event=50):
             got.append(batch)
     assert got == [["ok"]]
-
-
-async def _pieces(pieces: list[bytes]):
-    for piece in pieces:
-        yield piece
 
 
 async def test_the_openai_adapter_passes_a_burst_on_as_one_batch_good_chunks_before_an_error(
